@@ -1,0 +1,22 @@
+# The two set-up-and-run commands of the README. Both create/reuse .venv via .ci/bootstrap.
+PY := .venv/bin/python
+OUT ?= out
+
+.PHONY: demo test lint bench
+
+demo:
+	@.ci/bootstrap
+	$(PY) -m lycoris_core demo --out $(OUT)
+
+test:
+	@.ci/bootstrap
+	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "no tests were collected: failing" >&2; exit 1; fi; exit $$rc
+
+lint:
+	@.ci/bootstrap
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+bench:
+	@.ci/bootstrap
+	$(PY) bench/apply.py

@@ -1,0 +1,340 @@
+"""Adapter files: read every algorithm lycoris 4.x saves, and bind layers to a model.
+
+A file holds, per wrapped layer, tensors under ``<layer>.<suffix>`` where ``<layer>`` is a
+prefix (``lycoris`` by default, or kohya's ``lora_unet``) plus the diffusers module path with
+``.`` replaced by ``_``. The algorithm of each layer is recognised from its suffixes (and, for
+DyLoRA, T-LoRA and GLoRA details, from the ``lycoris_config`` metadata the seed's trainer
+writes). Files that lycoris' own ``create_lycoris_from_weights`` cannot reload (IA3,
+unbalanced LoKr, tucker conv LoKr) load here, because nothing is rebuilt through lycoris'
+module constructors: the exact math lives in :mod:`lycoris_core.algorithms`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import LycorisConfig
+from .errors import AdapterFormatError, ConfigError
+from .io import read_safetensors
+
+logger = logging.getLogger(__name__)
+
+# suffixes each algorithm saves (lycoris 4.x module `weight_list`s)
+ALGO_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "locon": ("lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha", "dora_scale"),
+    "loha": (
+        "hada_w1_a",
+        "hada_w1_b",
+        "hada_w2_a",
+        "hada_w2_b",
+        "hada_t1",
+        "hada_t2",
+        "alpha",
+        "dora_scale",
+    ),
+    "lokr": (
+        "lokr_w1",
+        "lokr_w1_a",
+        "lokr_w1_b",
+        "lokr_w2",
+        "lokr_w2_a",
+        "lokr_w2_b",
+        "lokr_t1",
+        "lokr_t2",
+        "alpha",
+        "dora_scale",
+    ),
+    "full": ("diff", "diff_b"),
+    "diag-oft": ("oft_blocks", "rescale", "alpha"),
+    "boft": ("oft_blocks", "rescale", "alpha"),
+    "ia3": ("weight", "on_input"),
+    "glora": ("a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight", "alpha"),
+    "tlora": ("q_layer.weight", "p_layer.weight", "lambda_layer", "alpha"),
+    "norm": ("w_norm", "b_norm"),
+}
+ALGO_SUFFIXES["dylora"] = ALGO_SUFFIXES["locon"]
+
+# prefixes recognised in front of the module path (the metadata's lora_prefix is tried first)
+KNOWN_PREFIXES = ("lycoris", "lora_unet", "lora_transformer", "lora")
+
+
+@dataclass
+class LayerAdapter:
+    """One layer of an adapter file: its algorithm, tensors and options."""
+
+    name: str
+    algo: str
+    tensors: dict[str, torch.Tensor]
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def alpha(self) -> float | None:
+        a = self.tensors.get("alpha")
+        return None if a is None else float(a.float().item())
+
+    @property
+    def has_dora(self) -> bool:
+        return "dora_scale" in self.tensors
+
+    def get(self, suffix: str) -> torch.Tensor | None:
+        return self.tensors.get(suffix)
+
+    def rank(self) -> int | None:
+        """The low-rank dimension lycoris divides alpha by, when the algorithm has one."""
+        t = self.tensors
+        if self.algo in ("locon", "dylora"):
+            return t["lora_down.weight"].shape[0]
+        if self.algo == "loha":
+            return t["hada_w1_b"].shape[0]
+        if self.algo == "lokr":
+            if "lokr_w1_a" in t:
+                return t["lokr_w1_a"].shape[1]
+            if "lokr_w2_a" in t:
+                return t["lokr_w2_a"].shape[1] if "lokr_t2" not in t else t["lokr_w2_a"].shape[0]
+            return None  # full matrices: scale 1
+        if self.algo == "glora":
+            return t["a2.weight"].shape[0]
+        if self.algo == "tlora":
+            return t["q_layer.weight"].shape[0]
+        return None
+
+
+@dataclass
+class Adapter:
+    """A parsed adapter file. Layers are keyed by their name in the file."""
+
+    layers: dict[str, LayerAdapter]
+    metadata: dict[str, str] = field(default_factory=dict)
+    path: str | None = None
+    config: LycorisConfig | None = None
+    fingerprint: str = ""
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name if self.path else "<adapter>"
+
+    @property
+    def prefixes(self) -> tuple[str, ...]:
+        own = (self.config.apply_preset or {}).get("lora_prefix") if self.config else None
+        return tuple(dict.fromkeys([p for p in (own, *KNOWN_PREFIXES) if p]))
+
+    def algorithms(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for layer in self.layers.values():
+            key = layer.algo + ("+dora" if layer.has_dora else "")
+            out[key] = out.get(key, 0) + 1
+        return out
+
+    def num_params(self) -> int:
+        return sum(
+            t.numel() for layer in self.layers.values() for k, t in layer.tensors.items()
+            if k != "alpha"
+        )
+
+    # ------------------------------------------------------------------ binding
+    def bind(self, module: nn.Module, strict: bool = True) -> dict[str, LayerAdapter]:
+        """Map the file's layers to module paths of `module`.
+
+        Keys that match no module raise :class:`AdapterFormatError` (count and first keys),
+        or with ``strict=False`` are skipped with one summarised warning.
+        """
+        index: dict[str, str] = {}
+        clashes: set[str] = set()
+        for path, _ in module.named_modules():
+            if not path:
+                continue
+            flat = path.replace(".", "_")
+            if flat in index and index[flat] != path:
+                clashes.add(flat)
+            index[flat] = path
+        bound: dict[str, LayerAdapter] = {}
+        unmatched: list[str] = []
+        for name, layer in self.layers.items():
+            path = None
+            for prefix in self.prefixes:
+                if name.startswith(prefix + "_"):
+                    flat = name[len(prefix) + 1 :]
+                    if flat in clashes:
+                        raise AdapterFormatError(
+                            f"{self.name}: layer '{name}' maps to more than one module of "
+                            f"{type(module).__name__} (the '.'->'_' naming is ambiguous here)"
+                        )
+                    path = index.get(flat)
+                    if path is not None:
+                        break
+            if path is None:
+                unmatched.append(name)
+                continue
+            _check_fits(self.name, layer, module.get_submodule(path), path)
+            bound[path] = layer
+        if unmatched:
+            msg = (
+                f"{self.name}: {len(unmatched)} of {len(self.layers)} layers match no module of "
+                f"this {type(module).__name__} (first: {', '.join(unmatched[:5])}). The file "
+                "was probably made for another model or architecture"
+            )
+            if strict or not bound:
+                if not bound:
+                    raise AdapterFormatError(
+                        msg + "; it matches 0 modules, so applying it would do nothing."
+                    )
+                raise AdapterFormatError(
+                    msg + "; pass strict=False to apply the layers that do match."
+                )
+            logger.warning("%s; skipping them.", msg)
+        return bound
+
+
+def _check_fits(name: str, layer: LayerAdapter, target: nn.Module, path: str) -> None:
+    weight = getattr(target, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise AdapterFormatError(
+            f"{name}: layer '{layer.name}' targets '{path}' ({type(target).__name__}), which "
+            "has no weight to adapt"
+        )
+    if layer.algo == "norm":
+        ok = isinstance(target, (nn.LayerNorm, nn.GroupNorm))
+    else:
+        ok = isinstance(target, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    if not ok:
+        raise AdapterFormatError(
+            f"{name}: layer '{layer.name}' ({layer.algo}) cannot adapt '{path}' "
+            f"({type(target).__name__})"
+        )
+    from .algorithms import shape_mismatch
+
+    got = shape_mismatch(layer, weight)
+    if got is not None:
+        raise AdapterFormatError(
+            f"{name}: layer '{layer.name}' ({layer.algo}, {got}) does not fit '{path}' (weight "
+            f"shape {tuple(weight.shape)}); the file was made for another model or size"
+        )
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _detect(name: str, suffixes: dict[str, torch.Tensor]) -> str:
+    if "lora_up.weight" in suffixes:
+        return "locon"
+    if "hada_w1_a" in suffixes:
+        return "loha"
+    if "lokr_w1" in suffixes or "lokr_w1_a" in suffixes:
+        return "lokr"
+    if "diff" in suffixes:
+        return "full"
+    if "oft_blocks" in suffixes:
+        nd = suffixes["oft_blocks"].ndim
+        if nd == 3:
+            return "diag-oft"
+        if nd == 4:
+            return "boft"
+    if "on_input" in suffixes:
+        return "ia3"
+    if "a1.weight" in suffixes:
+        return "glora"
+    if "lambda_layer" in suffixes:
+        return "tlora"
+    if "w_norm" in suffixes:
+        return "norm"
+    raise AdapterFormatError(
+        f"layer '{name}' has tensors {sorted(suffixes)} that match no LyCORIS algorithm"
+    )
+
+
+_REQUIRED = {
+    "locon": ("lora_up.weight", "lora_down.weight"),
+    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+    "glora": ("a1.weight", "a2.weight", "b1.weight", "b2.weight"),
+    "tlora": ("q_layer.weight", "p_layer.weight", "lambda_layer"),
+    "ia3": ("weight", "on_input"),
+}
+
+
+def _metadata_config(meta: dict[str, str], source: str) -> LycorisConfig | None:
+    raw = meta.get("lycoris_config")
+    if not raw:
+        return None
+    try:
+        return LycorisConfig.from_dict(json.loads(raw), source=f"{source} (lycoris_config)")
+    except (json.JSONDecodeError, ConfigError, TypeError) as exc:
+        logger.warning("%s: ignoring unreadable lycoris_config metadata: %s", source, exc)
+        return None
+
+
+def _layer_options(algo: str, config: LycorisConfig | None) -> dict[str, Any]:
+    if config is None:
+        return {}
+    kw = config.keywords
+    if algo == "dylora":
+        return {"block_size": int(kw.get("block_size", 4))}
+    if algo == "glora":
+        return {"rs_lora": bool(kw.get("rs_lora", False))}
+    if algo == "tlora":
+        return {
+            "sig_type": kw.get("sig_type", "principal"),
+            "use_data_init": kw.get("use_data_init", True),
+        }
+    return {}
+
+
+def adapter_from_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+    source: str = "<state dict>",
+) -> Adapter:
+    """Parse a lycoris-style state dict (as saved by ``save_weights``) into an Adapter."""
+    metadata = dict(metadata or {})
+    config = _metadata_config(metadata, source)
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        if "." not in key:
+            raise AdapterFormatError(
+                f"{source}: key '{key}' is not '<layer>.<tensor>'; not a LyCORIS/LoRA file"
+            )
+        layer, suffix = key.split(".", 1)
+        grouped.setdefault(layer, {})[suffix] = tensor
+    if not grouped:
+        raise AdapterFormatError(f"{source}: the file holds no tensors")
+    layers: dict[str, LayerAdapter] = {}
+    for name, tensors in grouped.items():
+        try:
+            algo = _detect(name, tensors)
+        except AdapterFormatError as exc:
+            raise AdapterFormatError(f"{source}: {exc}") from None
+        if algo == "locon" and config is not None and config.algo == "dylora":
+            algo = "dylora"
+        unknown = sorted(set(tensors) - set(ALGO_SUFFIXES[algo]))
+        missing = [s for s in _REQUIRED.get(algo, ()) if s not in tensors]
+        if unknown or missing:
+            what = f"unknown tensors {unknown}" if unknown else f"missing tensors {missing}"
+            raise AdapterFormatError(f"{source}: layer '{name}' ({algo}) has {what}")
+        layers[name] = LayerAdapter(name, algo, dict(tensors), _layer_options(algo, config))
+    return Adapter(layers=layers, metadata=metadata, path=None, config=config)
+
+
+def file_fingerprint(path: str | os.PathLike[str]) -> str:
+    """Content hash (sha256, first 16 hex) of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def load_adapter(path: str | os.PathLike[str]) -> Adapter:
+    """Read a LyCORIS/LoRA ``.safetensors`` file (pickle formats are refused)."""
+    tensors, metadata = read_safetensors(path)
+    adapter = adapter_from_state_dict(tensors, metadata, source=str(path))
+    adapter.path = os.fspath(path)
+    adapter.fingerprint = file_fingerprint(path)
+    return adapter

@@ -1,0 +1,165 @@
+"""Apply adapters to a torch module: merged or dynamic, any strength, stacked, exactly undone.
+
+``patched(module, [(adapter, strength), ...], mode=...)`` is a context manager. On exit,
+also on an exception, every weight is bitwise what it was before (merge mode keeps a backup
+of only the weights it touches; dynamic mode never touches a weight and only adds forward
+hooks). Adapters stack: each contributes its own change relative to the base weights, which
+is what chaining lycoris modules does. Strength 0 skips an adapter entirely.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .adapters import Adapter, LayerAdapter
+from .algorithms import delta, dynamic_contribution
+from .errors import LycorisError
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["merge", "dynamic"]
+MODES: tuple[str, ...] = ("merge", "dynamic")
+
+
+def _check_strength(adapter: Adapter, strength: object) -> float:
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)):
+        raise LycorisError(
+            f"{adapter.name}: strength must be a number, got {strength!r}"
+        )
+    if not math.isfinite(strength):
+        raise LycorisError(f"{adapter.name}: strength must be finite, got {strength!r}")
+    return float(strength)
+
+
+class Patch:
+    """A set of (adapter, strength) pairs bound to a module, in one mode.
+
+    ``apply()`` changes the module, ``restore()`` undoes it exactly. ``key`` identifies the
+    set (files, strengths, mode) so callers can keep a patch applied between calls.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        adapters: Sequence[tuple[Adapter, float]],
+        mode: str = "merge",
+        strict: bool = True,
+    ) -> None:
+        if mode not in MODES:
+            raise LycorisError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.module = module
+        self.mode = mode
+        self.plan: dict[str, list[tuple[LayerAdapter, float]]] = {}
+        keys = []
+        for adapter, strength in adapters:
+            s = _check_strength(adapter, strength)
+            keys.append((adapter.fingerprint or id(adapter), s))
+            if s == 0.0:
+                continue
+            for path, layer in adapter.bind(module, strict=strict).items():
+                self.plan.setdefault(path, []).append((layer, s))
+        self.key = (tuple(keys), mode)
+        self._backup: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self.applied = False
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.plan)
+
+    # ------------------------------------------------------------------ apply/restore
+    @torch.no_grad()
+    def apply(self) -> None:
+        if self.applied:
+            raise LycorisError("this patch is already applied; restore() it first")
+        self.applied = True
+        try:
+            if self.mode == "merge":
+                self._merge()
+            else:
+                self._hook()
+        except BaseException:
+            self.restore()
+            raise
+
+    def _merge(self) -> None:
+        for path, entries in self.plan.items():
+            mod = self.module.get_submodule(path)
+            weight = mod.weight
+            bias = getattr(mod, "bias", None)
+            dw_total: torch.Tensor | None = None
+            db_total: torch.Tensor | None = None
+            for layer, s in entries:
+                dw, db = delta(layer, weight, bias, s)
+                dw_total = dw if dw_total is None else dw_total + dw
+                if db is not None:
+                    db_total = db if db_total is None else db_total + db
+            assert dw_total is not None  # plan entries are never empty
+            self._backup[path] = (
+                weight.detach().clone(),
+                None if db_total is None else bias.detach().clone(),
+            )
+            weight.copy_((weight.detach().float() + dw_total).to(weight.dtype))
+            if db_total is not None:
+                bias.copy_((bias.detach().float() + db_total).to(bias.dtype))
+
+    def _hook(self) -> None:
+        for path, entries in self.plan.items():
+            mod = self.module.get_submodule(path)
+            contributions = [dynamic_contribution(layer, mod, s) for layer, s in entries]
+
+            def hook(
+                m: nn.Module,
+                args: tuple[torch.Tensor, ...],
+                out: torch.Tensor,
+                contributions: list = contributions,
+            ) -> torch.Tensor:
+                x = args[0]
+                total = out
+                for contribution in contributions:
+                    total = total + contribution(x, out)
+                return total
+
+            self._hooks.append(mod.register_forward_hook(hook))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        for path, (weight, bias) in self._backup.items():
+            mod = self.module.get_submodule(path)
+            mod.weight.copy_(weight)
+            if bias is not None:
+                mod.bias.copy_(bias)
+        self._backup.clear()
+        self.applied = False
+
+
+@contextmanager
+def patched(
+    module: nn.Module,
+    adapters: Sequence[tuple[Adapter, float]],
+    mode: str = "merge",
+    strict: bool = True,
+) -> Iterator[Patch]:
+    """Apply `adapters` (each at its strength) to `module` for the duration of the block.
+
+    ``mode="merge"`` adds the exact deltas into the weights (fast forward, backup of the
+    touched weights); ``mode="dynamic"`` leaves weights alone and adds each adapter's output
+    change in a forward hook. Keys matching no module raise ``AdapterFormatError`` unless
+    ``strict=False``.
+    """
+    patch = Patch(module, adapters, mode=mode, strict=strict)
+    patch.apply()
+    try:
+        yield patch
+    finally:
+        patch.restore()
