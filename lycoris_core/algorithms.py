@@ -367,6 +367,7 @@ def dynamic_contribution(layer: Any, module: nn.Module, strength: float) -> Cont
     if algo in ("locon", "dylora"):
         down = cast(t["lora_down.weight"])
         up = cast(t["lora_up.weight"], scale_of(layer) * s)
+        up = up.reshape(up.shape[0], up.shape[1], *([1] * (w.dim() - 2)))  # DyLoRA saves 2D
         mid = t.get("lora_mid.weight")
         if not is_conv:
             return lambda x, y0: F.linear(F.linear(x, down), up)

@@ -187,7 +187,8 @@ def resolve_preset(module: nn.Module, config: LycorisConfig) -> tuple[dict[str, 
     for pattern in dict.fromkeys(target_name + list(name_map)):
         cov.targets[pattern] = [n for n in names if n == pattern or match(pattern, n)]
 
-    _check_all_matched(module, config, cov, user_targets=target_module + target_name)
+    explicit = (target_module if explicit_modules else []) + target_name
+    _check_all_matched(module, config, cov, user_targets=explicit)
 
     if "enable_conv" in raw:
         preset["ENABLE_CONV"] = raw["enable_conv"]
