@@ -136,7 +136,9 @@ class Adapter:
 
     def num_params(self) -> int:
         return sum(
-            t.numel() for layer in self.layers.values() for k, t in layer.tensors.items()
+            t.numel()
+            for layer in self.layers.values()
+            for k, t in layer.tensors.items()
             if k != "alpha"
         )
 

@@ -274,7 +274,7 @@ def _dora_wd_on_out(layer: Any, weight: torch.Tensor) -> bool:
 def delta(
     layer: Any, weight: torch.Tensor, bias: torch.Tensor | None, strength: float
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(dW, db) in float32 such that (W + dW, b + db) reproduces the lycoris forward at `strength`."""
+    """(dW, db) in float32: (W + dW, b + db) reproduces the lycoris forward at `strength`."""
     from lycoris.functional import weight_decompose
 
     s = float(strength)
@@ -320,7 +320,9 @@ def delta(
             scale=s,
         )
         return dw, None
-    raise AdapterFormatError(f"layer '{layer.name}': unsupported algorithm {algo}")  # pragma: no cover
+    raise AdapterFormatError(
+        f"layer '{layer.name}': unsupported algorithm {algo}"
+    )  # pragma: no cover
 
 
 # --------------------------------------------------------------------------- dynamic mode
@@ -406,7 +408,9 @@ def dynamic_contribution(layer: Any, module: nn.Module, strength: float) -> Cont
         q, p = cast(t["q_layer.weight"]), cast(t["p_layer.weight"], k)
         lam = cast(t["lambda_layer"].reshape(-1))
         q0, p0, lam0 = cast(q0), cast(p0, k), cast(lam0.reshape(-1))
-        return lambda x, y0: F.linear(F.linear(x, q) * lam, p) - F.linear(F.linear(x, q0) * lam0, p0)
+        return lambda x, y0: (
+            F.linear(F.linear(x, q) * lam, p) - F.linear(F.linear(x, q0) * lam0, p0)
+        )
     if algo == "full":
         dw = cast(t["diff"], s).reshape(w.shape)
         db = None if bias is None or "diff_b" not in t else cast(t["diff_b"], s)

@@ -30,7 +30,9 @@ def _refuse_pickle(path: Path) -> None:
     )
 
 
-def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(
+    path: str | os.PathLike[str],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a .safetensors file (CPU tensors, stored dtypes)."""
     from safetensors import SafetensorError, safe_open
 

@@ -30,9 +30,7 @@ MODES: tuple[str, ...] = ("merge", "dynamic")
 
 def _check_strength(adapter: Adapter, strength: object) -> float:
     if isinstance(strength, bool) or not isinstance(strength, (int, float)):
-        raise LycorisError(
-            f"{adapter.name}: strength must be a number, got {strength!r}"
-        )
+        raise LycorisError(f"{adapter.name}: strength must be a number, got {strength!r}")
     if not math.isfinite(strength):
         raise LycorisError(f"{adapter.name}: strength must be finite, got {strength!r}")
     return float(strength)

@@ -98,7 +98,9 @@ class Coverage:
         for algo in self.layers.values():
             algos[algo] = algos.get(algo, 0) + 1
         if algos:
-            lines.append("  algorithms: " + ", ".join(f"{a} x{n}" for a, n in sorted(algos.items())))
+            lines.append(
+                "  algorithms: " + ", ".join(f"{a} x{n}" for a, n in sorted(algos.items()))
+            )
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,8 +142,10 @@ def resolve_preset(module: nn.Module, config: LycorisConfig) -> tuple[dict[str, 
     from lycoris.config import PRESET
 
     raw = dict(config.apply_preset or {})
-    preset = {k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
-              for k, v in _LYCORIS_DEFAULTS.items()}
+    preset = {
+        k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
+        for k, v in _LYCORIS_DEFAULTS.items()
+    }
     named = config.keywords.get("preset")
     if named:  # lycoris' named presets only carry enable_conv / name_algo_map here
         base = PRESET[named]
@@ -169,9 +173,7 @@ def resolve_preset(module: nn.Module, config: LycorisConfig) -> tuple[dict[str, 
         cov.resolved[target] = classes
         if target in CLASS_ALIASES and classes != [target]:
             cov.aliases[target] = CLASS_ALIASES[target].reason
-        cov.targets[target] = [
-            n for n, m in module.named_modules() if type(m).__name__ in classes
-        ]
+        cov.targets[target] = [n for n, m in module.named_modules() if type(m).__name__ in classes]
         if target in target_module:
             resolved_modules.extend(c for c in classes if c not in resolved_modules)
 

@@ -55,9 +55,7 @@ CASES: tuple[Case, ...] = (
         {"algo": "lokr", "linear_dim": 2, "linear_alpha": 1.0, "factor": 4, "use_tucker": True},
         families=("sd15",),
     ),
-    Case(
-        "dylora", {"algo": "dylora", "linear_dim": 8, "linear_alpha": 4.0, "block_size": 2}
-    ),
+    Case("dylora", {"algo": "dylora", "linear_dim": 8, "linear_alpha": 4.0, "block_size": 2}),
     Case("glora", {"algo": "glora", "linear_dim": 4, "linear_alpha": 2.0}),
     Case("full", {"algo": "full", "linear_dim": 4, "linear_alpha": 1}),
     Case("diag-oft", {"algo": "diag-oft", "linear_dim": 8, "linear_alpha": 1, "constraint": 0}),
