@@ -48,7 +48,7 @@ def family_files(request, tmp_path_factory):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["merge", "dynamic"])
 def test_restore_is_bitwise_in_every_dtype(family_files, dtype, mode):
-    family, refs, adapters = family_files
+    family, _, adapters = family_files
     model = denoiser(family).to(dtype)
     inputs = denoiser_inputs(model, dtype=dtype)
     before = state(model)
