@@ -21,3 +21,7 @@ class AdapterFormatError(LycorisError, ValueError):
 
 class IncompatibleModelError(LycorisError, ValueError):
     """A config or adapter targets modules that the model does not have."""
+
+
+class ModelLoadError(LycorisError, ValueError):
+    """A base model folder or file cannot be loaded (missing, wrong layout, unknown class)."""

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lycoris_core import LycorisConfig, create_network
-from lycoris_core.tiny import build_pipeline
+from lycoris_core.tiny import build_pipeline, denoiser_inputs, denoiser_of  # noqa: F401 (re-exported)
 
 STRENGTHS = (0.5, 1.0, 1.5, -1.0)
 ATTN_FF = {"target_module": ["Attention", "FeedForward"]}
@@ -86,41 +86,7 @@ def case_config(case: Case, family: str) -> LycorisConfig:
 
 
 def denoiser(family: str, seed: int = 0) -> nn.Module:
-    pipe = build_pipeline(family, seed=seed)
-    model = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
-    return model.eval()
-
-
-def denoiser_inputs(model: nn.Module, seed: int = 1, dtype: torch.dtype = torch.float32) -> dict:
-    """Deterministic random inputs for a tiny UNet2DConditionModel or FluxTransformer2DModel."""
-    g = torch.Generator().manual_seed(seed)
-    cfg = model.config
-
-    def rnd(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g).to(dtype)
-
-    if type(model).__name__ == "UNet2DConditionModel":
-        out = {
-            "sample": rnd(1, cfg.in_channels, 8, 8),
-            "timestep": torch.tensor([10]),
-            "encoder_hidden_states": rnd(1, 6, cfg.cross_attention_dim),
-            "return_dict": False,
-        }
-        if cfg.addition_embed_type == "text_time":
-            n = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-            out["added_cond_kwargs"] = {"text_embeds": rnd(1, n), "time_ids": rnd(1, 6)}
-        return out
-    seq, txt = 16, 6
-    return {
-        "hidden_states": rnd(1, seq, cfg.in_channels),
-        "encoder_hidden_states": rnd(1, txt, cfg.joint_attention_dim),
-        "pooled_projections": rnd(1, cfg.pooled_projection_dim),
-        "timestep": torch.tensor([0.5], dtype=dtype),
-        "img_ids": torch.zeros(seq, 3),
-        "txt_ids": torch.zeros(txt, 3),
-        "guidance": torch.tensor([3.5], dtype=dtype) if cfg.guidance_embeds else None,
-        "return_dict": False,
-    }
+    return denoiser_of(build_pipeline(family, seed=seed)).eval()
 
 
 @torch.no_grad()

@@ -1,0 +1,103 @@
+"""Describe adapter files: algorithm per layer, ranks/factors, metadata, model coverage."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from torch import nn
+
+from .adapters import Adapter, LayerAdapter
+from .algorithms import scale_of
+from .errors import AdapterFormatError
+
+_SHOWN_METADATA = 12
+
+
+def describe_layer(layer: LayerAdapter) -> dict[str, Any]:
+    """Algorithm, rank/factors, alpha and scale of one layer, JSON-friendly."""
+    t = layer.tensors
+    info: dict[str, Any] = {"algo": layer.algo + ("+dora" if layer.has_dora else "")}
+    rank = layer.rank()
+    if rank is not None:
+        info["rank"] = rank
+    if layer.alpha is not None:
+        info["alpha"] = layer.alpha
+    if layer.algo in ("locon", "dylora", "loha", "lokr", "glora", "tlora"):
+        info["scale"] = round(scale_of(layer), 6)
+    if layer.algo == "lokr":
+        w1 = t.get("lokr_w1")
+        w1_shape = (
+            list(w1.shape) if w1 is not None else [t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1]]
+        )
+        info["w1"] = w1_shape
+        info["w2"] = (
+            "full" if "lokr_w2" in t else "low-rank" + (" tucker" if "lokr_t2" in t else "")
+        )
+    if "lora_mid.weight" in t or "hada_t1" in t:
+        info["tucker"] = True
+    if layer.algo in ("diag-oft", "boft"):
+        blocks = t["oft_blocks"]
+        info["blocks"] = list(blocks.shape)
+        info["rescaled"] = "rescale" in t
+    info["params"] = sum(v.numel() for k, v in t.items() if k != "alpha")
+    info["dtype"] = str(next(iter(t.values())).dtype).replace("torch.", "")
+    return info
+
+
+def describe(adapter: Adapter, module: nn.Module | None = None) -> dict[str, Any]:
+    """A JSON-friendly description; with `module`, which layers match and which do not."""
+    out: dict[str, Any] = {
+        "file": adapter.path,
+        "fingerprint": adapter.fingerprint,
+        "layers": len(adapter.layers),
+        "params": adapter.num_params(),
+        "algorithms": adapter.algorithms(),
+        "config": adapter.config.to_dict() if adapter.config else None,
+        "metadata": {
+            k: (v if len(v) <= 200 else v[:200] + "...")
+            for k, v in sorted(adapter.metadata.items())
+            if k != "lycoris_config"
+        },
+        "per_layer": {name: describe_layer(layer) for name, layer in adapter.layers.items()},
+    }
+    if module is not None:
+        try:
+            bound = adapter.bind(module, strict=False)
+        except AdapterFormatError as exc:
+            bound, out["bind_error"] = {}, str(exc)
+        matched = {layer.name: path for path, layer in bound.items()}
+        out["matched"] = matched
+        out["unmatched"] = sorted(set(adapter.layers) - set(matched))
+    return out
+
+
+def format_report(info: dict[str, Any]) -> str:
+    """Human-readable text of :func:`describe`'s result."""
+    lines = [
+        f"file: {info['file']}",
+        f"layers: {info['layers']}  params: {info['params']:,}  fingerprint: {info['fingerprint']}",
+        "algorithms: " + ", ".join(f"{a} x{n}" for a, n in sorted(info["algorithms"].items())),
+    ]
+    if info["config"]:
+        lines.append("lycoris_config: " + json.dumps(info["config"], sort_keys=False))
+    meta = list(info["metadata"].items())
+    for k, v in meta[:_SHOWN_METADATA]:
+        lines.append(f"  {k}: {v}")
+    if len(meta) > _SHOWN_METADATA:
+        lines.append(f"  ... {len(meta) - _SHOWN_METADATA} more metadata keys")
+    if "matched" in info:
+        lines.append(
+            f"against the model: {len(info['matched'])} matched, {len(info['unmatched'])} unmatched"
+        )
+        if info.get("bind_error"):
+            lines.append(f"  error: {info['bind_error']}")
+        for name in info["unmatched"][:10]:
+            lines.append(f"  unmatched: {name}")
+    lines.append("per layer:")
+    for name, layer in info["per_layer"].items():
+        extras = ", ".join(f"{k}={v}" for k, v in layer.items() if k != "algo")
+        target = info.get("matched", {}).get(name)
+        where = f" -> {target}" if target else ""
+        lines.append(f"  {name}{where}: {layer['algo']} ({extras})")
+    return "\n".join(lines)
