@@ -74,6 +74,35 @@ def _is_number(v: Any) -> bool:
 _INVALID: Any = object()  # what a converter returns for a value it rejects
 
 
+def _json_type(v: Any) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, (int, float)):
+        return "number"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, Mapping):
+        return "object"
+    if isinstance(v, (list, tuple)):
+        return "array"
+    return type(v).__name__
+
+
+def _describe(v: Any) -> str:
+    """A value as the user wrote it in JSON, with its type: ``"10" (string)``."""
+    try:
+        text = json.dumps(v, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(v)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    kind = _json_type(v)
+    return text if kind == "null" else f"{text} ({kind})"
+
+
 def _as_float(v: Any) -> Any:
     return float(v) if _is_number(v) else _INVALID
 
@@ -88,6 +117,7 @@ def _as_int(v: Any) -> Any:
 class _Field:
     expected: str  # human description of the type/range, used in messages
     convert: Callable[[Any], Any]  # returns the normalised value or _INVALID
+    options: tuple[str, ...] = ()  # for choices: the valid values, used for "did you mean"
 
 
 def _float_field(lo: float | None = None, hi: float | None = None) -> _Field:
@@ -133,7 +163,7 @@ def _choice(options: tuple[str, ...]) -> _Field:
             return v.lower()
         return _INVALID
 
-    return _Field("one of " + ", ".join(repr(o) for o in options), conv)
+    return _Field("one of " + ", ".join(repr(o) for o in options), conv, options)
 
 
 FLOAT = _float_field()
@@ -232,14 +262,17 @@ PRESET_KEYS: tuple[str, ...] = (
 # Keys that lycoris reads at the top level but that make no sense in a map entry, with the
 # reason given when they appear there.
 _TOP_ONLY_REASON = {
-    "multiplier": "the strength applies to the whole network",
-    "dropout": "lycoris passes dropout positionally; a per-module value raises a TypeError",
-    "rank_dropout": "lycoris passes rank_dropout positionally; set it at the top level",
-    "module_dropout": "lycoris passes module_dropout positionally; set it at the top level",
-    "conv_dim": "map entries use 'dim' for convolutions too",
-    "conv_alpha": "map entries use 'alpha' for convolutions too",
-    "train_norm": "it is a network-wide switch",
-    "preset": "presets apply to the whole network",
+    "multiplier": "the strength applies to the whole network; set it at the top level",
+    "dropout": "lycoris passes dropout positionally, so a per-module value raises a "
+    "TypeError; set it at the top level",
+    "rank_dropout": "lycoris passes rank_dropout positionally, so a per-module value raises a "
+    "TypeError; set it at the top level",
+    "module_dropout": "lycoris passes module_dropout positionally, so a per-module value "
+    "raises a TypeError; set it at the top level",
+    "conv_dim": "map entries use 'dim' for convolutions too; write 'dim'",
+    "conv_alpha": "map entries use 'alpha' for convolutions too; write 'alpha'",
+    "train_norm": "it is a network-wide switch; set it at the top level",
+    "preset": "presets apply to the whole network; set it at the top level",
 }
 
 # Top-level spelling -> LycorisNetwork / module constructor keyword.
@@ -253,12 +286,53 @@ _NETWORK_ARG = {
 }
 
 
+def _edit_distance(a: str, b: str) -> int:
+    """Optimal string alignment distance: insertions, deletions, substitutions, swaps."""
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            d = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                d = min(d, prev2[j - 2] + 1)
+            cur.append(d)
+        prev2, prev = prev, cur
+    return prev[-1]
+
+
 def _did_you_mean(key: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
+    # a typo (one or two edits, e.g. "loah" -> "loha") first, then the closest by similarity
+    dist = {o: _edit_distance(key, o) for o in options}
+    best = min(dist.values(), default=99)
+    close = [o for o in options if dist[o] == best] if best <= min(2, len(key) // 2) else []
+    if len(close) > 1:
+        close = difflib.get_close_matches(key, close, n=1, cutoff=0.0)
+    if not close:
+        close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
     if not close:
         # prefix/substring heuristics catch e.g. "unbalanced_factor"
         close = [o for o in options if o.startswith(key) or key.startswith(o)][:1]
     return f" Did you mean '{close[0]}'?" if close else ""
+
+
+class _JsonObject(dict):
+    """A parsed JSON object that remembers keys written twice (json keeps the last silently)."""
+
+    duplicates: tuple[str, ...] = ()
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> _JsonObject:
+    obj = _JsonObject(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        dups: list[str] = []
+        for key, _ in pairs:
+            if key in seen:
+                dups.append(key)
+            seen.add(key)
+        obj.duplicates = tuple(dups)
+    return obj
 
 
 class _Reader:
@@ -271,11 +345,23 @@ class _Reader:
         where = f"'{path}'" if path else "the top level"
         return ConfigError(f"{self.source}: {where} {message}")
 
+    def unique(self, prefix: str, obj: Mapping[str, Any]) -> None:
+        """Refuse a key written twice in one JSON object (only files are parsed that way)."""
+        dups = getattr(obj, "duplicates", ())
+        if dups:
+            raise self.fail(
+                f"{prefix}{dups[0]}",
+                "is written twice in the same JSON object; JSON keeps only the last one, "
+                "so remove the other",
+            )
+
     def value(self, path: str, spec: _Field, raw: Any) -> Any:
         out = spec.convert(raw)
         if out is _INVALID:
-            got = "null" if raw is None else repr(raw)
-            raise self.fail(path, f"must be {spec.expected}, got {got}")
+            hint = ""
+            if spec.options and isinstance(raw, str):
+                hint = _did_you_mean(raw.lower(), list(spec.options))
+            raise self.fail(path, f"must be {spec.expected}, got {_describe(raw)}.{hint}")
         return out
 
     def keywords(
@@ -288,6 +374,7 @@ class _Reader:
         top_only: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """Normalise the keyword entries of one level; `skip` keys are handled by the caller."""
+        self.unique(prefix, data)
         out: dict[str, Any] = {}
         spelled: dict[str, str] = {}
         for key, raw in data.items():
@@ -304,7 +391,7 @@ class _Reader:
             elif key in aliases:
                 canon = aliases[key]
             elif top_only and key in top_only:
-                raise self.fail(path, f"is not allowed here: {top_only[key]}")
+                raise self.fail(path, f"is not allowed in a map entry: {top_only[key]}")
             else:
                 valid = sorted(set(fields) | set(skip))
                 hint = _did_you_mean(key, valid + sorted(aliases))
@@ -346,7 +433,8 @@ class LycorisConfig:
         """Read and validate a ``lycoris_config.json`` file."""
         p = os.fspath(path)
         try:
-            with open(p, encoding="utf-8") as fh:
+            # utf-8-sig: Windows editors often save JSON with a byte-order mark
+            with open(p, encoding="utf-8-sig") as fh:
                 text = fh.read()
         except FileNotFoundError:
             raise ConfigError(
@@ -354,12 +442,17 @@ class LycorisConfig:
             ) from None
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{p}: cannot read the file ({exc})") from None
+        if not text.strip():
+            raise ConfigError(
+                f"{p}: the file is empty; it must hold a JSON object with at least "
+                "multiplier, linear_dim and linear_alpha (see the seed format)"
+            )
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_json_object)
         except json.JSONDecodeError as exc:
             raise ConfigError(
-                f"{p}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-                + ("; the file is empty" if not text.strip() else "")
+                f"{p}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}; "
+                "fix the JSON syntax (quoted keys, no trailing commas, no comments)"
             ) from None
         return cls.from_dict(data, source=p)
 
@@ -368,9 +461,7 @@ class LycorisConfig:
         """Validate a config given as a dict (the parsed JSON object)."""
         r = _Reader(source)
         if not isinstance(data, Mapping):
-            raise r.fail(
-                "", f"must be a JSON object, got {type(data).__name__}; see the seed format"
-            )
+            raise r.fail("", f"must be a JSON object, got {_json_type(data)}; see the seed format")
         kw = r.keywords(
             data,
             "",
@@ -463,24 +554,29 @@ class LycorisConfig:
             if key == "preset":
                 continue
             kw[_NETWORK_ARG.get(key, key)] = value
-        if "conv_alpha" not in self.keywords:
+        if not self.keywords.get("conv_alpha"):
+            # create_lycoris reads `conv_alpha or linear_alpha`: 0 means "same as linear_alpha"
             kw["conv_alpha"] = self.linear_alpha
         return kw
 
     def with_overrides(self, **changes: Any) -> LycorisConfig:
-        """A new validated config with top-level keys replaced (None removes a key)."""
+        """A new validated config with top-level keys replaced (None removes a key).
+
+        Keys may use either spelling (``weight_decompose`` replaces ``dora_wd``).
+        """
         d = self.to_dict()
         for k, v in changes.items():
-            if v is None:
-                d.pop(k, None)
-            else:
+            canon = TOP_LEVEL_ALIASES.get(k, "use_tucker" if k == "disable_conv_cp" else k)
+            d.pop(canon, None)
+            if v is not None:
                 d[k] = v
         return LycorisConfig.from_dict(d, source=self.source)
 
 
 def _read_preset(r: _Reader, raw: Any) -> dict[str, Any]:
     if not isinstance(raw, Mapping):
-        raise r.fail("apply_preset", f"must be a JSON object, got {type(raw).__name__}")
+        raise r.fail("apply_preset", f"must be a JSON object, got {_describe(raw)}")
+    r.unique("apply_preset.", raw)
     out: dict[str, Any] = {}
     for key, value in raw.items():
         path = f"apply_preset.{key}"
@@ -492,7 +588,7 @@ def _read_preset(r: _Reader, raw: Any) -> dict[str, Any]:
             )
         if key in PRESET_LIST_KEYS:
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-                raise r.fail(path, f"must be a list of non-empty strings, got {value!r}")
+                raise r.fail(path, f"must be an array of non-empty strings, got {_describe(value)}")
             if key.startswith("text_encoder_") and value:
                 raise r.fail(
                     path,
@@ -504,16 +600,19 @@ def _read_preset(r: _Reader, raw: Any) -> dict[str, Any]:
             out[key] = r.value(path, BOOL, value)
         elif key == "lora_prefix":
             if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_]+", value):
-                raise r.fail(path, f"must be a non-empty string of [A-Za-z0-9_], got {value!r}")
+                raise r.fail(
+                    path, f"must be a non-empty string of [A-Za-z0-9_], got {_describe(value)}"
+                )
             out[key] = value
         else:  # module_algo_map / name_algo_map
             if not isinstance(value, Mapping):
-                raise r.fail(path, f"must be a JSON object, got {type(value).__name__}")
+                raise r.fail(path, f"must be a JSON object, got {_describe(value)}")
+            r.unique(f"{path}.", value)
             entries = {}
             for target, entry in value.items():
                 epath = f"{path}.{target}"
                 if not isinstance(entry, Mapping):
-                    raise r.fail(epath, f"must be a JSON object, got {type(entry).__name__}")
+                    raise r.fail(epath, f"must be a JSON object, got {_describe(entry)}")
                 entries[target] = r.keywords(
                     entry,
                     f"{epath}.",

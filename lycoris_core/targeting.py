@@ -248,8 +248,21 @@ def preset_applied(preset: dict[str, Any]) -> Iterator[type]:
                 setattr(LycorisNetwork, k, v)
 
 
+@contextmanager
+def _quiet_lycoris() -> Iterator[None]:
+    """lycoris logs every creation at INFO on stdout; keep that for our DEBUG level only."""
+    lyco = logging.getLogger("LyCORIS")
+    saved = lyco.level
+    if not logger.isEnabledFor(logging.DEBUG):
+        lyco.setLevel(max(saved, logging.WARNING))
+    try:
+        yield
+    finally:
+        lyco.setLevel(saved)
+
+
 def _build(module: nn.Module, config: LycorisConfig, preset: dict[str, Any]) -> Any:
-    with preset_applied(preset) as network_cls:
+    with preset_applied(preset) as network_cls, _quiet_lycoris():
         return network_cls(module, warn_on_unmatched=False, **config.network_kwargs())
 
 
