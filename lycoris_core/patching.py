@@ -36,6 +36,14 @@ def _check_strength(adapter: Adapter, strength: object) -> float:
     return float(strength)
 
 
+def _add_into(param: torch.Tensor, delta: torch.Tensor) -> None:
+    """param += delta, summed in float32 and rounded once to the parameter's dtype."""
+    if param.dtype == torch.float32:
+        param.add_(delta)
+    else:
+        param.copy_((param.detach().float() + delta).to(param.dtype))
+
+
 class Patch:
     """A set of (adapter, strength) pairs bound to a module, in one mode.
 
@@ -104,9 +112,9 @@ class Patch:
                 weight.detach().clone(),
                 None if db_total is None else bias.detach().clone(),
             )
-            weight.copy_((weight.detach().float() + dw_total).to(weight.dtype))
+            _add_into(weight, dw_total)
             if db_total is not None:
-                bias.copy_((bias.detach().float() + db_total).to(bias.dtype))
+                _add_into(bias, db_total)
 
     def _hook(self) -> None:
         for path, entries in self.plan.items():

@@ -66,6 +66,11 @@ CASES: tuple[Case, ...] = (
     Case("boft", {"algo": "boft", "linear_dim": 4, "linear_alpha": 1}),
     Case("ia3", {"algo": "ia3", "linear_dim": 4, "linear_alpha": 1}),
     Case(
+        "lora+norms",
+        {"algo": "lora", "linear_dim": 4, "linear_alpha": 2.0, "train_norm": True},
+        families=("sd15",),  # Flux's norms have no affine weights (lycoris crashes there)
+    ),
+    Case(
         "tlora",
         {"algo": "tlora", "linear_dim": 4, "linear_alpha": 2.0},
         preset={"sd15": ATTN_FF},  # T-LoRA on k x k convolutions is not supported
