@@ -282,9 +282,9 @@ def delta(
     t = layer.tensors
     algo = layer.algo
     if algo in _LOW_RANK:
-        dw = _rebuild(layer, weight)
+        dw = _rebuild(layer, weight)  # a fresh tensor: scaling it in place is safe
         if not layer.has_dora:
-            return dw * s, None
+            return (dw if s == 1.0 else dw.mul_(s)), None
         w = weight.float()
         merged = weight_decompose(w + dw, _f32(t["dora_scale"], dev), s, _dora_wd_on_out(layer, w))
         return merged - w, None
@@ -323,6 +323,94 @@ def delta(
     raise AdapterFormatError(
         f"layer '{layer.name}': unsupported algorithm {algo}"
     )  # pragma: no cover
+
+
+# --------------------------------------------------------------------------- merging
+
+_KRON_LOOP_MAX = 256  # w1 entries up to which LoKr is added block by block
+
+
+def _plain_2d(layer: Any, weight: torch.Tensor) -> bool:
+    """Linear-in-strength layer whose delta is a plain 2D product (no DoRA, no tucker)."""
+    t = layer.tensors
+    return not layer.has_dora and not any(k in t for k in ("lora_mid.weight", "hada_t1", "lokr_t2"))
+
+
+@torch.no_grad()
+def accumulate(
+    acc: torch.Tensor | None,
+    layer: Any,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    strength: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Add `layer` at `strength` to a merged weight; returns (merged, bias delta or None).
+
+    `acc` is the float32 merged weight so far, or None while it is still the (float32) base
+    `weight`, which is never modified: a new buffer is made on first use. Deltas that depend
+    on the weight (DoRA, OFT, GLoRA, IA3, T-LoRA) are computed from the base `weight`, so
+    stacked adapters each contribute relative to the base. LoRA, LoHa, LoKr and full are
+    added without materialising a separate delta where possible.
+    """
+    s = float(strength)
+    t = layer.tensors
+    algo = layer.algo
+    dev = weight.device
+    shape = weight.shape
+    out_dim = shape[0]
+
+    def target2d() -> torch.Tensor:
+        return (acc if acc is not None else weight.clone()).view(out_dim, -1)
+
+    if algo in ("locon", "dylora") and _plain_2d(layer, weight):
+        up = _f32(t["lora_up.weight"], dev).reshape(out_dim, -1)
+        down = _f32(t["lora_down.weight"], dev).reshape(up.shape[1], -1)
+        alpha = scale_of(layer) * s
+        if acc is None:
+            return torch.addmm(weight.reshape(out_dim, -1), up, down, alpha=alpha).view(shape), None
+        acc.view(out_dim, -1).addmm_(up, down, alpha=alpha)
+        return acc, None
+    if algo == "loha" and _plain_2d(layer, weight):
+        w1 = _f32(t["hada_w1_a"], dev) @ _f32(t["hada_w1_b"], dev)
+        w2 = _f32(t["hada_w2_a"], dev) @ _f32(t["hada_w2_b"], dev)
+        value = scale_of(layer) * s
+        if acc is None:
+            merged = torch.addcmul(weight.reshape(out_dim, -1), w1, w2, value=value)
+            return merged.view(shape), None
+        acc.view(out_dim, -1).addcmul_(w1, w2, value=value)
+        return acc, None
+    if algo == "lokr" and _plain_2d(layer, weight) and t.get("lokr_w2", weight).dim() == 2:
+        w1 = t.get("lokr_w1")
+        w1 = (
+            _f32(w1, dev)
+            if w1 is not None
+            else _f32(t["lokr_w1_a"], dev) @ _f32(t["lokr_w1_b"], dev)
+        )
+        w2 = t.get("lokr_w2")
+        w2 = (
+            _f32(w2, dev)
+            if w2 is not None
+            else _f32(t["lokr_w2_a"], dev) @ _f32(t["lokr_w2_b"], dev)
+        )
+        (a, b), (c, d) = w1.shape, w2.shape
+        if a * b <= _KRON_LOOP_MAX and a * c == out_dim and b * d * out_dim == weight.numel():
+            scaled = (w1 * (scale_of(layer) * s)).tolist()
+            merged = target2d()
+            blocks = merged.view(a, c, b, d)
+            for i in range(a):
+                for k in range(b):
+                    blocks[i, :, k, :].add_(w2, alpha=scaled[i][k])
+            return merged.view(shape), None
+    if algo == "full":
+        diff = _f32(t["diff"], dev).reshape(shape)
+        db = None if bias is None or "diff_b" not in t else _f32(t["diff_b"], dev) * s
+        if acc is None:
+            return torch.add(weight, diff, alpha=s), db
+        return acc.add_(diff, alpha=s), db
+    dw, db = delta(layer, weight, bias, s)
+    if acc is None:
+        return weight + dw, db
+    return acc.add_(dw), db
 
 
 # --------------------------------------------------------------------------- dynamic mode

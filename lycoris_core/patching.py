@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, LayerAdapter
-from .algorithms import delta, dynamic_contribution
+from .algorithms import accumulate, dynamic_contribution
 from .errors import LycorisError
 
 logger = logging.getLogger(__name__)
@@ -34,14 +34,6 @@ def _check_strength(adapter: Adapter, strength: object) -> float:
     if not math.isfinite(strength):
         raise LycorisError(f"{adapter.name}: strength must be finite, got {strength!r}")
     return float(strength)
-
-
-def _add_into(param: torch.Tensor, delta: torch.Tensor) -> None:
-    """param += delta, summed in float32 and rounded once to the parameter's dtype."""
-    if param.dtype == torch.float32:
-        param.add_(delta)
-    else:
-        param.copy_((param.detach().float() + delta).to(param.dtype))
 
 
 class Patch:
@@ -96,25 +88,26 @@ class Patch:
             raise
 
     def _merge(self) -> None:
-        for path, entries in self.plan.items():
-            mod = self.module.get_submodule(path)
-            weight = mod.weight
-            bias = getattr(mod, "bias", None)
-            dw_total: torch.Tensor | None = None
-            db_total: torch.Tensor | None = None
-            for layer, s in entries:
-                dw, db = delta(layer, weight, bias, s)
-                dw_total = dw if dw_total is None else dw_total + dw
-                if db is not None:
-                    db_total = db if db_total is None else db_total + db
-            assert dw_total is not None  # plan entries are never empty
-            self._backup[path] = (
-                weight.detach().clone(),
-                None if db_total is None else bias.detach().clone(),
-            )
-            _add_into(weight, dw_total)
-            if db_total is not None:
-                _add_into(bias, db_total)
+        # The merged weight is a new tensor swapped in with `param.data = ...`; the original
+        # tensor is the backup, untouched, and swapped back on restore (exact and O(1)).
+        # Merged tensors must be normal tensors even when called under inference_mode.
+        with torch.inference_mode(False):
+            for path, entries in self.plan.items():
+                mod = self.module.get_submodule(path)
+                weight, bias = mod.weight, getattr(mod, "bias", None)
+                w0 = weight.detach()
+                b0 = None if bias is None else bias.detach()
+                acc = None if w0.dtype == torch.float32 else w0.float()
+                db_total: torch.Tensor | None = None
+                for layer, s in entries:
+                    acc, db = accumulate(acc, layer, w0, b0, s)
+                    if db is not None:
+                        db_total = db if db_total is None else db_total + db
+                assert acc is not None  # plan entries are never empty
+                self._backup[path] = (weight.data, None if db_total is None else bias.data)
+                weight.data = acc.to(w0.dtype)
+                if db_total is not None:
+                    bias.data = (b0.float() + db_total).to(b0.dtype)
 
     def _hook(self) -> None:
         for path, entries in self.plan.items():
@@ -142,9 +135,9 @@ class Patch:
         self._hooks.clear()
         for path, (weight, bias) in self._backup.items():
             mod = self.module.get_submodule(path)
-            mod.weight.copy_(weight)
+            mod.weight.data = weight
             if bias is not None:
-                mod.bias.copy_(bias)
+                mod.bias.data = bias
         self._backup.clear()
         self.applied = False
 

@@ -99,15 +99,15 @@ def test_failure_while_applying_restores_what_was_done(family_files, monkeypatch
     import lycoris_core.patching as patching
 
     calls = {"n": 0}
-    real = patching.delta
+    real = patching.accumulate
 
-    def failing_delta(*args, **kwargs):
+    def failing_accumulate(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 5:
             raise MemoryError("out of memory (simulated)")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(patching, "delta", failing_delta)
+    monkeypatch.setattr(patching, "accumulate", failing_accumulate)
     with pytest.raises(MemoryError):
         with patched(model, [(adapters["lora"], 1.0)], mode="merge"):
             pass
