@@ -610,24 +610,12 @@ def profile_merge(model: nn.Module, adapter: Any, repeats: int) -> dict[str, Any
             "Patch.__init__ (bind + shape checks)": cum("__init__", "patching.py") * 1000,
             "  Adapter.bind": cum("bind", "adapters.py") * 1000,
             "Patch._merge": cum("_merge", "patching.py") * 1000,
-            "  algorithms.delta": cum("delta", "algorithms.py") * 1000,
-            "    algorithms._rebuild": cum("_rebuild", "algorithms.py") * 1000,
-            "    delta self (dw * strength)": own("delta", "algorithms.py") * 1000,
-            "  backup clone (in _merge)": by_caller(
-                "<method 'clone' of 'torch._C.TensorBase' objects>", "_merge"
-            )
+            "  algorithms.accumulate (build the merged weight)": cum("accumulate", "algorithms.py")
             * 1000,
-            "  add into weight (_add_into, in place)": cum("_add_into", "patching.py") * 1000,
-            "  copy back (copy_ in _merge)": by_caller(
-                "<method 'copy_' of 'torch._C.TensorBase' objects>", "_merge"
-            )
+            "    algorithms.delta (weight-dependent algorithms)": cum("delta", "algorithms.py")
             * 1000,
-            "  _merge self (loop; out-of-place add if any)": own("_merge", "patching.py") * 1000,
+            "  _merge self (loop, swap in)": own("_merge", "patching.py") * 1000,
             "Patch.restore": cum("restore", "patching.py") * 1000,
-            "  copy_ in restore": by_caller(
-                "<method 'copy_' of 'torch._C.TensorBase' objects>", "restore"
-            )
-            * 1000,
         },
         "top_tottime": [],
     }

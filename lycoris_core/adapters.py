@@ -116,7 +116,24 @@ class Adapter:
     metadata: dict[str, str] = field(default_factory=dict)
     path: str | None = None
     config: LycorisConfig | None = None
-    fingerprint: str = ""
+    _fingerprint: str = field(default="", repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        """Content hash (sha256, 16 hex): of the file, or of the tensors when there is none."""
+        if not self._fingerprint:
+            if self.path:
+                self._fingerprint = file_fingerprint(self.path)
+            else:
+                h = hashlib.sha256()
+                for name in sorted(self.layers):
+                    for key, tensor in sorted(self.layers[name].tensors.items()):
+                        h.update(f"{name}.{key}{tuple(tensor.shape)}{tensor.dtype}".encode())
+                        h.update(
+                            tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+                        )
+                self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     @property
     def name(self) -> str:
@@ -337,6 +354,5 @@ def load_adapter(path: str | os.PathLike[str]) -> Adapter:
     """Read a LyCORIS/LoRA ``.safetensors`` file (pickle formats are refused)."""
     tensors, metadata = read_safetensors(path)
     adapter = adapter_from_state_dict(tensors, metadata, source=str(path))
-    adapter.path = os.fspath(path)
-    adapter.fingerprint = file_fingerprint(path)
+    adapter.path = os.fspath(path)  # the content hash is computed when first asked for
     return adapter

@@ -327,8 +327,6 @@ def delta(
 
 # --------------------------------------------------------------------------- merging
 
-_KRON_LOOP_MAX = 256  # w1 entries up to which LoKr is added block by block
-
 
 def _plain_2d(layer: Any, weight: torch.Tensor) -> bool:
     """Linear-in-strength layer whose delta is a plain 2D product (no DoRA, no tucker)."""
@@ -358,9 +356,6 @@ def accumulate(
     dev = weight.device
     shape = weight.shape
     out_dim = shape[0]
-
-    def target2d() -> torch.Tensor:
-        return (acc if acc is not None else weight.clone()).view(out_dim, -1)
 
     if algo in ("locon", "dylora") and _plain_2d(layer, weight):
         up = _f32(t["lora_up.weight"], dev).reshape(out_dim, -1)
@@ -393,14 +388,15 @@ def accumulate(
             else _f32(t["lokr_w2_a"], dev) @ _f32(t["lokr_w2_b"], dev)
         )
         (a, b), (c, d) = w1.shape, w2.shape
-        if a * b <= _KRON_LOOP_MAX and a * c == out_dim and b * d * out_dim == weight.numel():
-            scaled = (w1 * (scale_of(layer) * s)).tolist()
-            merged = target2d()
-            blocks = merged.view(a, c, b, d)
-            for i in range(a):
-                for k in range(b):
-                    blocks[i, :, k, :].add_(w2, alpha=scaled[i][k])
-            return merged.view(shape), None
+        if a * c == out_dim and b * d * out_dim == weight.numel():
+            # kron(w1, w2) as a broadcast product over the (a, c, b, d) view: one pass
+            w1v, w2v = w1.view(a, 1, b, 1), w2.view(1, c, 1, d)
+            value = scale_of(layer) * s
+            if acc is None:
+                merged = torch.addcmul(weight.reshape(a, c, b, d), w1v, w2v, value=value)
+                return merged.view(shape), None
+            acc.view(a, c, b, d).addcmul_(w1v, w2v, value=value)
+            return acc, None
     if algo == "full":
         diff = _f32(t["diff"], dev).reshape(shape)
         db = None if bias is None or "diff_b" not in t else _f32(t["diff_b"], dev) * s

@@ -58,7 +58,8 @@ class Patch:
         keys = []
         for adapter, strength in adapters:
             s = _check_strength(adapter, strength)
-            keys.append((adapter.fingerprint or id(adapter), s))
+            # identity, not content: a Patch (or a cache holding one) keeps its adapters alive
+            keys.append((id(adapter), s))
             if s == 0.0:
                 continue
             for path, layer in adapter.bind(module, strict=strict).items():
@@ -121,10 +122,12 @@ class Patch:
                 contributions: list = contributions,
             ) -> torch.Tensor:
                 x = args[0]
-                total = out
-                for contribution in contributions:
-                    total = total + contribution(x, out)
-                return total
+                change = contributions[0](x, out)
+                for contribution in contributions[1:]:
+                    change = change + contribution(x, out)
+                if out.requires_grad or torch.is_inference(out) != torch.is_inference(change):
+                    return out + change
+                return out.add_(change)  # the layer's own fresh output: no copy needed
 
             self._hooks.append(mod.register_forward_hook(hook))
 

@@ -182,3 +182,17 @@ def test_loha_alpha_not_rank_is_exact_where_lycoris_merge_to_is_not(tmp_path):
     theirs = forward(model, inputs)
     model.load_state_dict(before)
     assert rel_err(theirs, ref.outputs[1.0]) > 100 * rel_err(ours, ref.outputs[1.0])
+
+
+def test_fingerprint_is_content_based(flux_lora, tmp_path):
+    _, _, ref = flux_lora
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(ref.path.read_bytes())
+    a, b = load_adapter(ref.path), load_adapter(copy)
+    assert a.fingerprint == b.fingerprint
+    in_memory = adapter_from_state_dict(load_file(str(ref.path)))
+    changed = load_file(str(ref.path))
+    first = next(iter(changed))
+    changed[first] = changed[first] + 1
+    assert in_memory.fingerprint != adapter_from_state_dict(changed).fingerprint
+    assert len(in_memory.fingerprint) == 16
