@@ -1,0 +1,30 @@
+"""bench/apply.py keeps working: a --quick run on a small model writes its JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_apply_benchmark_quick_run(tmp_path):
+    out = tmp_path / "apply.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "apply.py"), "--quick", "--out", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert set(data["algorithms"]) == {"lokr", "lora", "loha"}
+    for name, entry in data["algorithms"].items():
+        exact = entry["correctness"]
+        errors = (exact["output_ours_merge_vs_forward"], exact["output_ours_dynamic_vs_forward"])
+        assert max(errors) < 1e-5, name
+        assert exact["ours_restore_bitwise"] and exact["ours_dynamic_restore_bitwise"]
+        assert entry["apply"]["ours_enter_ms"] > 0 and entry["forward"]["plain_ms"] > 0
