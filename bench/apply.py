@@ -51,6 +51,8 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from lycoris_core.config import SEED_EXAMPLE  # noqa: E402
+
 THREADS = 1
 torch.set_num_threads(THREADS)
 
@@ -77,18 +79,7 @@ MIN_PARAMS_DEFAULT = 150_000_000
 
 TARGETS = ["Attention", "FeedForward"]
 CONFIGS: dict[str, dict[str, Any]] = {
-    # the seed's config
-    "lokr": {
-        "algo": "lokr",
-        "multiplier": 1.0,
-        "linear_dim": 10000,
-        "linear_alpha": 1,
-        "factor": 10,
-        "apply_preset": {
-            "target_module": TARGETS,
-            "module_algo_map": {"Attention": {"factor": 10}, "FeedForward": {"factor": 4}},
-        },
-    },
+    "lokr": SEED_EXAMPLE,  # the seed's config
     "lora": {
         "algo": "lora",
         "multiplier": 1.0,

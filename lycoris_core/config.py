@@ -64,6 +64,20 @@ PRESET_NAMES: tuple[str, ...] = (
 
 SIG_TYPES = ("principal", "last", "middle")
 
+# The seed document's example lycoris_config.json (full-rank LoKr on attention and
+# feed-forward classes). Used by the demo, the benchmarks and the tests.
+SEED_EXAMPLE: dict[str, Any] = {
+    "algo": "lokr",
+    "multiplier": 1.0,
+    "linear_dim": 10000,
+    "linear_alpha": 1,
+    "factor": 10,
+    "apply_preset": {
+        "target_module": ["Attention", "FeedForward"],
+        "module_algo_map": {"Attention": {"factor": 10}, "FeedForward": {"factor": 4}},
+    },
+}
+
 # --------------------------------------------------------------------------- field checks
 
 

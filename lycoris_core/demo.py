@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .adapters import load_adapter
-from .config import LycorisConfig
+from .config import SEED_EXAMPLE, LycorisConfig
 from .io import atomic_write, write_safetensors
 from .models import load_denoiser
 from .patching import patched
@@ -23,17 +22,6 @@ from .report import describe, format_report
 from .targeting import coverage, create_network
 from .tiny import denoiser_inputs, make_tiny
 
-SEED_CONFIG: dict[str, Any] = {
-    "algo": "lokr",
-    "multiplier": 1.0,
-    "linear_dim": 10000,
-    "linear_alpha": 1,
-    "factor": 10,
-    "apply_preset": {
-        "target_module": ["Attention", "FeedForward"],
-        "module_algo_map": {"Attention": {"factor": 10}, "FeedForward": {"factor": 4}},
-    },
-}
 STRENGTHS = (0.0, 0.5, 1.0, 1.5)
 
 
@@ -49,7 +37,7 @@ def run_demo(out: Path, seed: int = 0) -> str:
     if not (base_dir / "model_index.json").is_file():
         make_tiny("flux", base_dir, seed=seed)
     model = load_denoiser(base_dir)
-    config = LycorisConfig.from_dict(SEED_CONFIG, source="seed lycoris_config.json")
+    config = LycorisConfig.from_dict(SEED_EXAMPLE, source="seed lycoris_config.json")
     (out / "lycoris_config.json").write_text(config.to_json() + "\n", encoding="utf-8")
     cov = coverage(model, config)
 

@@ -6,19 +6,10 @@ import pytest
 from reference import denoiser
 
 from lycoris_core import IncompatibleModelError, LycorisConfig, coverage, create_network
+from lycoris_core.config import SEED_EXAMPLE
 from lycoris_core.targeting import CLASS_ALIASES, preset_applied
 
-SEED = {
-    "algo": "lokr",
-    "multiplier": 1.0,
-    "linear_dim": 10000,
-    "linear_alpha": 1,
-    "factor": 10,
-    "apply_preset": {
-        "target_module": ["Attention", "FeedForward"],
-        "module_algo_map": {"Attention": {"factor": 10}, "FeedForward": {"factor": 4}},
-    },
-}
+SEED = SEED_EXAMPLE
 PRESET_ATTRS = (
     "ENABLE_CONV",
     "TARGET_REPLACE_MODULE",
