@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import AdapterFormatError
+from .errors import AdapterFormatError, LycorisError
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
@@ -104,3 +106,28 @@ def write_safetensors(
     }
     data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(data, tmp, metadata=meta))
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; on success it is renamed to `path`.
+
+    `path` must not exist or be an empty folder. On an exception the temporary folder is
+    removed and `path` is untouched.
+    """
+    target = Path(path)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise LycorisError(
+            f"{target}: already exists and is not empty; choose an empty folder (or a new "
+            "path), or delete it first"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():  # an empty folder: replace it
+            target.rmdir()
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,21 +1,41 @@
-"""Load diffusers models from local folders. Never reaches the network.
+"""Load diffusers pipelines from local folders or single files. Never reaches the network.
 
-This first version loads a pipeline folder's denoiser (``unet`` or ``transformer``); full
-pipelines, family detection and single-file checkpoints build on it.
+:func:`load_model` returns a :class:`LoadedModel`: the pipeline, its family, where it came
+from, and the one place that knows which adapters are currently patched into its denoiser
+(:meth:`LoadedModel.use_adapters` keeps the last set applied between calls; everything that
+needs the bare base weights calls :meth:`LoadedModel.restore_base` first).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from .adapters import Adapter
+from .device import place_pipeline, resolve_device, resolve_dtype
 from .errors import ModelLoadError
+from .families import FAMILIES, Family, detect_family, family_for_pipeline_class
+from .io import PICKLE_SUFFIXES, atomic_folder
+from .patching import Patch, patched
+
+logger = logging.getLogger(__name__)
 
 DENOISER_COMPONENTS = ("transformer", "unet")
+_CKPT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
+
+
+# --------------------------------------------------------------------------- folders
 
 
 def read_model_index(folder: str | os.PathLike[str]) -> dict[str, Any]:
@@ -41,25 +61,275 @@ def read_model_index(folder: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def load_denoiser(folder: str | os.PathLike[str]) -> nn.Module:
-    """Load the ``transformer`` or ``unet`` of a local diffusers pipeline folder."""
+def _pipeline_class(folder: Path, index: dict[str, Any]) -> type:
     import diffusers
 
-    index = read_model_index(folder)
+    name = index["_class_name"]
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise ModelLoadError(
+            f"{folder}: pipeline class {name!r} (model_index.json) is not provided by diffusers "
+            f"{diffusers.__version__}; upgrade diffusers or use a folder saved by a known pipeline"
+        )
+    return cls
+
+
+def _denoiser_entry(folder: Path, index: dict[str, Any]) -> tuple[str, type]:
+    import diffusers
+
     for name in DENOISER_COMPONENTS:
         entry = index.get(name)
         if isinstance(entry, list) and len(entry) == 2 and entry[1]:
             cls = getattr(diffusers, entry[1], None)
             if cls is None:
                 raise ModelLoadError(
-                    f"{folder}: component '{name}' has class {entry[1]!r}, which this diffusers "
+                    f"{folder}: component '{name}' has class {entry[1]!r}, which diffusers "
                     f"{diffusers.__version__} does not provide; upgrade diffusers"
                 )
-            sub = Path(folder) / name
-            if not sub.is_dir():
-                raise ModelLoadError(f"{sub}: missing; the pipeline folder is incomplete")
-            return cls.from_pretrained(str(sub), local_files_only=True).eval()
+            return name, cls
     raise ModelLoadError(
         f"{folder}: the pipeline ({index['_class_name']}) has no 'unet' or 'transformer' "
-        "component to apply adapters to"
+        "component to sample with or apply adapters to"
     )
+
+
+def load_denoiser(folder: str | os.PathLike[str]) -> nn.Module:
+    """Load only the ``transformer`` or ``unet`` of a local diffusers pipeline folder."""
+    root = Path(folder)
+    index = read_model_index(root)
+    name, cls = _denoiser_entry(root, index)
+    sub = root / name
+    if not sub.is_dir():
+        raise ModelLoadError(f"{sub}: missing; the pipeline folder is incomplete")
+    return cls.from_pretrained(str(sub), local_files_only=True).eval()
+
+
+# --------------------------------------------------------------------------- the handle
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A loaded pipeline, its family and its current adapter patch."""
+
+    pipe: Any
+    family: Family
+    source: str
+    device: torch.device
+    dtype: torch.dtype
+    offload: str = "none"
+    _patch: Patch | None = field(default=None, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return getattr(self.pipe, self.family.denoiser)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(getattr(self.pipe, "vae_scale_factor", 8))
+
+    @property
+    def size_multiple(self) -> int:
+        return self.family.size_multiple(self.vae_scale_factor)
+
+    @property
+    def default_size(self) -> int:
+        vae = getattr(self.pipe, "vae", None)
+        size = getattr(getattr(vae, "config", None), "sample_size", None)
+        if isinstance(size, (list, tuple)):
+            size = size[0]
+        size = int(size or 1024)
+        m = self.size_multiple
+        return max(m, size // m * m)
+
+    @property
+    def active_patch(self) -> Patch | None:
+        return self._patch
+
+    def use_adapters(
+        self, adapters: Sequence[tuple[Adapter, float]], mode: str = "merge"
+    ) -> Patch | None:
+        """Make the denoiser carry exactly `adapters` (at their strengths) in `mode`.
+
+        The last set stays applied: calling again with the same adapters, strengths and mode
+        does nothing; a different set restores the base first. Returns the active patch.
+        """
+        with self._lock:
+            wanted = [(a, s) for a, s in adapters if s != 0.0]
+            if not wanted:
+                self.restore_base()
+                return None
+            candidate = Patch(self.denoiser, wanted, mode=mode)
+            if self._patch is not None and self._patch.key == candidate.key:
+                return self._patch
+            self.restore_base()
+            candidate.apply()
+            self._patch = candidate
+            return candidate
+
+    def restore_base(self) -> None:
+        """Undo the active patch, if any: the denoiser's weights are the base ones again."""
+        with self._lock:
+            if self._patch is not None:
+                self._patch.restore()
+                self._patch = None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _check_not_pickle(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelLoadError(
+            f"{path}: pickle checkpoints ({', '.join(PICKLE_SUFFIXES)}) are refused because "
+            "loading them can run arbitrary code; use a .safetensors checkpoint"
+        )
+
+
+def _is_full_checkpoint(path: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return any(k.startswith(_CKPT_PREFIXES) for k in f.keys())  # noqa: SIM118
+
+
+def _load_from_file(path: Path, config_dir: Path | None, dtype: torch.dtype) -> Any:
+    """A single .safetensors file plus a local diffusers folder for configs and components."""
+    _check_not_pickle(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: file not found")
+    if path.suffix.lower() != ".safetensors":
+        raise ModelLoadError(f"{path}: single-file checkpoints must be .safetensors files")
+    if config_dir is None:
+        raise ModelLoadError(
+            f"{path}: a single-file checkpoint needs a local diffusers folder for its "
+            "configuration (config_dir / --config-dir): nothing is downloaded at run time"
+        )
+    index = read_model_index(config_dir)
+    pipe_cls = _pipeline_class(config_dir, index)
+    if _is_full_checkpoint(path):
+        try:
+            return pipe_cls.from_single_file(
+                str(path), config=str(config_dir), local_files_only=True, torch_dtype=dtype
+            )
+        except (ValueError, KeyError, RuntimeError, OSError) as exc:
+            raise ModelLoadError(
+                f"{path}: cannot load it as a {index['_class_name']} with the configuration in "
+                f"{config_dir} ({exc}); is the config folder of the same model family?"
+            ) from None
+    name, cls = _denoiser_entry(config_dir, index)
+    try:
+        denoiser = cls.from_single_file(
+            str(path),
+            config=str(config_dir),
+            subfolder=name,
+            local_files_only=True,
+            torch_dtype=dtype,
+        )
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        raise ModelLoadError(
+            f"{path}: its weights do not fit the {cls.__name__} described in {config_dir / name} "
+            f"({str(exc).splitlines()[0][:300]}); the file is probably of another model family "
+            "or size than the config folder"
+        ) from None
+    return pipe_cls.from_pretrained(
+        str(config_dir), local_files_only=True, torch_dtype=dtype, **{name: denoiser}
+    )
+
+
+def _load_pipe(src: Path, cfg: Path | None, family: str | None, dt: torch.dtype) -> Any:
+    if src.is_dir():
+        index = read_model_index(src)
+        pipe_cls = _pipeline_class(src, index)
+        expected = family_for_pipeline_class(index["_class_name"])
+        if family is not None and expected is not None and expected.name != family:
+            raise ModelLoadError(
+                f"{src}: holds a {index['_class_name']} ({expected.label}), not the requested "
+                f"family '{family}'"
+            )
+        try:
+            pipe = pipe_cls.from_pretrained(str(src), local_files_only=True, torch_dtype=dt)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(
+                f"{src}: cannot load the pipeline ({str(exc).splitlines()[0][:300]}); the folder "
+                "may be incomplete (each component needs its config and weights)"
+            ) from None
+    else:
+        _check_not_pickle(src)
+        if not src.exists():
+            raise ModelLoadError(f"{src}: no such file or folder")
+        pipe = _load_from_file(src, cfg, dt)
+    return pipe
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No per-component progress bars or dtype-keyword deprecation noise while loading."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    d_on, t_on = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            yield
+    finally:
+        if d_on:
+            dlog.enable_progress_bar()
+        if t_on:
+            tlog.enable_progress_bar()
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    config_dir: str | os.PathLike[str] | None = None,
+    family: str | None = None,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    offload: str = "none",
+) -> LoadedModel:
+    """Load a pipeline from a diffusers folder, or a single .safetensors file + config folder.
+
+    `family` (optional) is checked against the detected family. Nothing is downloaded: a
+    missing file is an error naming the path.
+    """
+    src = Path(path)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    cfg = Path(config_dir) if config_dir is not None else None
+    if family is not None and family not in FAMILIES:
+        raise ModelLoadError(f"family {family!r} is unknown; use one of {', '.join(FAMILIES)}")
+    with _quiet_loading():
+        pipe = _load_pipe(src, cfg, family, dt)
+    detected = detect_family(pipe)
+    if family is not None and detected.name != family:
+        raise ModelLoadError(
+            f"{src}: is a {detected.label} model ('{detected.name}'), not '{family}'"
+        )
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    place_pipeline(pipe, dev, offload)
+    logger.info("loaded %s (%s) on %s as %s", src, detected.name, dev, dt)
+    return LoadedModel(
+        pipe=pipe, family=detected, source=str(src), device=dev, dtype=dt, offload=offload
+    )
+
+
+def save_merged(
+    model: LoadedModel,
+    adapters: Sequence[tuple[Adapter, float]],
+    out_dir: str | os.PathLike[str],
+) -> Path:
+    """Save the pipeline with `adapters` baked in (``save_pretrained``), atomically.
+
+    The base model is unchanged afterwards. `out_dir` must be new or empty.
+    """
+    with model._lock:
+        model.restore_base()
+        with patched(model.denoiser, adapters, mode="merge"), atomic_folder(out_dir) as staging:
+            model.pipe.save_pretrained(staging, safe_serialization=True)
+    logger.info("saved merged pipeline to %s", out_dir)
+    return Path(out_dir)

@@ -113,15 +113,22 @@ class Patch:
     def _hook(self) -> None:
         for path, entries in self.plan.items():
             mod = self.module.get_submodule(path)
-            contributions = [dynamic_contribution(layer, mod, s) for layer, s in entries]
+            # prepared per device: offloading hooks may run the layer on another device
+            prepared = {mod.weight.device: [dynamic_contribution(a, mod, s) for a, s in entries]}
 
             def hook(
                 m: nn.Module,
                 args: tuple[torch.Tensor, ...],
                 out: torch.Tensor,
-                contributions: list = contributions,
+                entries: list = entries,
+                prepared: dict = prepared,
             ) -> torch.Tensor:
                 x = args[0]
+                contributions = prepared.get(x.device)
+                if contributions is None:
+                    with torch.no_grad():
+                        contributions = [dynamic_contribution(a, m, s) for a, s in entries]
+                    prepared[x.device] = contributions
                 change = contributions[0](x, out)
                 for contribution in contributions[1:]:
                     change = change + contribution(x, out)

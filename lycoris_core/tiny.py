@@ -22,9 +22,7 @@ import hashlib
 import inspect
 import logging
 import os
-import shutil
 import string
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,6 +54,7 @@ from transformers import (
 )
 
 from .errors import LycorisError
+from .io import atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -561,22 +560,8 @@ def make_tiny(family: str, out_dir: str | os.PathLike[str], seed: int = 0) -> Pa
     """
     _check_family(family)
     target = Path(out_dir)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise LycorisError(
-            f"make_tiny: output folder {str(target)!r} already exists and is not empty; "
-            "choose an empty folder or delete it first."
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    pipe = build_pipeline(family, seed=seed)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        pipe.save_pretrained(staging, safe_serialization=True)
-        if target.exists():  # an empty folder: replace it
-            target.rmdir()
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with atomic_folder(target) as staging:
+        build_pipeline(family, seed=seed).save_pretrained(staging, safe_serialization=True)
     logger.info("saved tiny %s pipeline (seed=%d) to %s", family, seed, target)
     return target
 

@@ -1,0 +1,179 @@
+"""Run a pipeline with adapters at strengths: seeds, progress, cancel, ComfyUI IMAGE output.
+
+``sample(model, adapters=[(adapter, strength)], ...)`` returns a float tensor
+``[B, H, W, C]`` in 0..1 on the CPU (ComfyUI's IMAGE). The adapters are applied through
+:meth:`LoadedModel.use_adapters`, which keeps the last set patched, so sampling the same set
+twice does not re-merge; a different set (or none) restores the base weights first.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .adapters import Adapter
+from .device import module_bytes, oom_advice
+from .errors import LycorisError
+from .models import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+
+class SamplingCancelled(LycorisError):
+    """``should_stop()`` asked to stop; raised between two steps."""
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What ``on_step`` receives after each denoising step."""
+
+    step: int  # 1-based
+    total: int
+    elapsed: float  # seconds since the first step started
+    eta: float  # seconds left, estimated
+    latents: torch.Tensor | None = None  # the current latents (for previews), if available
+
+    @property
+    def it_per_s(self) -> float:
+        return self.step / self.elapsed if self.elapsed > 0 else 0.0
+
+
+def _check_int(name: str, value: Any, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise LycorisError(f"{name} must be an integer >= {lo}, got {value!r}")
+    return value
+
+
+def check_size(model: LoadedModel, width: int, height: int) -> None:
+    m = model.size_multiple
+    for name, v in (("width", width), ("height", height)):
+        _check_int(name, v, m)
+        if v % m:
+            lower, upper = v // m * m, (v // m + 1) * m
+            raise LycorisError(
+                f"{name} {v} is not a multiple of {m} ({model.family.label} with this VAE needs "
+                f"multiples of {m}); use {max(lower, m)} or {upper}"
+            )
+
+
+def sample(
+    model: LoadedModel,
+    adapters: Sequence[tuple[Adapter, float]] = (),
+    mode: str = "merge",
+    prompt: str = "",
+    negative_prompt: str = "",
+    width: int | None = None,
+    height: int | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    batch_size: int = 1,
+    on_step: Callable[[StepInfo], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """Sample `batch_size` images; image i uses seed ``seed + i``. Returns [B, H, W, C] in 0..1."""
+    fam = model.family
+    width = model.default_size if width is None else width
+    height = model.default_size if height is None else height
+    steps = fam.steps if steps is None else steps
+    guidance = fam.guidance if guidance is None else guidance
+    check_size(model, width, height)
+    _check_int("steps", steps, 1)
+    _check_int("batch_size", batch_size, 1)
+    _check_int("seed", seed, 0)
+    if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
+        raise LycorisError("prompt and negative_prompt must be strings")
+    if (
+        isinstance(guidance, bool)
+        or not isinstance(guidance, (int, float))
+        or not (math.isfinite(guidance) and guidance >= 0)
+    ):
+        raise LycorisError(f"guidance must be a finite number >= 0, got {guidance!r}")
+    if model.offload == "sequential" and adapters:
+        raise LycorisError(
+            "adapters with offload 'sequential' are not supported (its weights live outside the "
+            "model between steps); use offload 'model' or 'none'"
+        )
+
+    adapter_bytes = sum(a.num_params() * 4 for a, _ in adapters)
+    with oom_advice(
+        f"sampling {batch_size}x{width}x{height}",
+        model_bytes=module_bytes(model.denoiser),
+        adapter_bytes=adapter_bytes,
+    ):
+        model.use_adapters(adapters, mode=mode)
+        return _run(
+            model,
+            prompt,
+            negative_prompt,
+            width,
+            height,
+            steps,
+            float(guidance),
+            seed,
+            batch_size,
+            on_step,
+            should_stop,
+        )
+
+
+def _run(
+    model: LoadedModel,
+    prompt: str,
+    negative_prompt: str,
+    width: int,
+    height: int,
+    steps: int,
+    guidance: float,
+    seed: int,
+    batch_size: int,
+    on_step: Callable[[StepInfo], None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> torch.Tensor:
+    fam = model.family
+    gen_device = "cpu" if model.offload != "none" else model.device
+    generators = [
+        torch.Generator(device=gen_device).manual_seed(seed + i) for i in range(batch_size)
+    ]
+    start = time.perf_counter()
+
+    def callback(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        done = i + 1
+        # some schedulers (PNDM) run more model steps than num_inference_steps
+        total = max(steps, len(getattr(pipe.scheduler, "timesteps", ())), done)
+        elapsed = time.perf_counter() - start
+        if on_step is not None:
+            eta = elapsed / done * (total - done)
+            on_step(StepInfo(done, total, elapsed, eta, kwargs.get("latents")))
+        if should_stop is not None and done < total and should_stop():
+            raise SamplingCancelled(f"sampling cancelled after step {done} of {total}")
+        return {}
+
+    kwargs: dict[str, Any] = {
+        "prompt": [prompt] * batch_size,
+        "width": width,
+        "height": height,
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
+        "generator": generators,
+        "output_type": "pt",
+        "callback_on_step_end": callback,
+        "callback_on_step_end_tensor_inputs": ["latents"],
+    }
+    if fam.negative_prompt:
+        kwargs["negative_prompt"] = [negative_prompt] * batch_size
+    elif negative_prompt:
+        logger.warning("%s ignores negative prompts (guidance-distilled); ignoring it", fam.label)
+    if should_stop is not None and should_stop():
+        raise SamplingCancelled("sampling cancelled before the first step")
+    with torch.inference_mode():
+        images = model.pipe(**kwargs).images
+    if isinstance(images, list):
+        images = torch.stack([torch.as_tensor(im) for im in images])
+    return images.float().clamp(0, 1).permute(0, 2, 3, 1).contiguous().cpu()
