@@ -212,7 +212,7 @@ def _load_from_file(path: Path, config_dir: Path | None, dtype: torch.dtype) -> 
             return pipe_cls.from_single_file(
                 str(path), config=str(config_dir), local_files_only=True, torch_dtype=dtype
             )
-        except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        except Exception as exc:  # diffusers raises many types on mismatched files
             raise ModelLoadError(
                 f"{path}: cannot load it as a {index['_class_name']} with the configuration in "
                 f"{config_dir} ({exc}); is the config folder of the same model family?"
@@ -226,7 +226,7 @@ def _load_from_file(path: Path, config_dir: Path | None, dtype: torch.dtype) -> 
             local_files_only=True,
             torch_dtype=dtype,
         )
-    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+    except Exception as exc:  # diffusers raises many types on mismatched files
         raise ModelLoadError(
             f"{path}: its weights do not fit the {cls.__name__} described in {config_dir / name} "
             f"({str(exc).splitlines()[0][:300]}); the file is probably of another model family "
