@@ -8,6 +8,7 @@ twice does not re-merge; a different set (or none) restores the base weights fir
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -76,8 +77,12 @@ def sample(
     batch_size: int = 1,
     on_step: Callable[[StepInfo], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    max_sequence_length: int | None = None,
 ) -> torch.Tensor:
-    """Sample `batch_size` images; image i uses seed ``seed + i``. Returns [B, H, W, C] in 0..1."""
+    """Sample `batch_size` images; image i uses seed ``seed + i``. Returns [B, H, W, C] in 0..1.
+
+    `max_sequence_length` caps the T5 prompt tokens of SD3/Flux (their default: 256/512).
+    """
     fam = model.family
     width = model.default_size if width is None else width
     height = model.default_size if height is None else height
@@ -107,6 +112,15 @@ def sample(
         model_bytes=module_bytes(model.denoiser),
         adapter_bytes=adapter_bytes,
     ):
+        extra = {}
+        if max_sequence_length is not None:
+            _check_int("max_sequence_length", max_sequence_length, 1)
+            if "max_sequence_length" not in inspect.signature(model.pipe.__call__).parameters:
+                raise LycorisError(
+                    f"max_sequence_length: {type(model.pipe).__name__} has no T5 prompt length "
+                    "to set; leave it unset"
+                )
+            extra["max_sequence_length"] = max_sequence_length
         model.use_adapters(adapters, mode=mode)
         return _run(
             model,
@@ -120,6 +134,7 @@ def sample(
             batch_size,
             on_step,
             should_stop,
+            extra,
         )
 
 
@@ -135,6 +150,7 @@ def _run(
     batch_size: int,
     on_step: Callable[[StepInfo], None] | None,
     should_stop: Callable[[], bool] | None,
+    extra: dict[str, Any],
 ) -> torch.Tensor:
     fam = model.family
     gen_device = "cpu" if model.offload != "none" else model.device
@@ -165,6 +181,7 @@ def _run(
         "output_type": "pt",
         "callback_on_step_end": callback,
         "callback_on_step_end_tensor_inputs": ["latents"],
+        **extra,
     }
     if fam.negative_prompt:
         kwargs["negative_prompt"] = [negative_prompt] * batch_size

@@ -28,3 +28,20 @@ def test_apply_benchmark_quick_run(tmp_path):
         assert max(errors) < 1e-5, name
         assert exact["ours_restore_bitwise"] and exact["ours_dynamic_restore_bitwise"]
         assert entry["apply"]["ours_enter_ms"] > 0 and entry["forward"]["plain_ms"] > 0
+
+
+def test_sampling_benchmark_quick_run(tmp_path):
+    out = tmp_path / "sampling.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "sampling.py"), "--quick", "--out", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert set(data["algorithms"]) == {"lora", "lokr", "loha"}
+    for name, entry in data["algorithms"].items():
+        assert entry["merged_vs_dynamic_max_abs"] < 1e-4, name
+        assert entry["adapter_effect_max_abs"] > 1e-3, name
