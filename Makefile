@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 OUT ?= out
 
-.PHONY: demo test lint bench
+.PHONY: demo test lint bench gpu-check
 
 demo:
 	@.ci/bootstrap
@@ -20,3 +20,9 @@ lint:
 bench:
 	@.ci/bootstrap
 	$(PY) bench/apply.py
+	$(PY) bench/sampling.py
+
+# On a CUDA machine: the GPU tests (figures land in $$OUT or bench/results).
+gpu-check:
+	@.ci/bootstrap
+	$(PY) -m pytest -q tests/gpu
