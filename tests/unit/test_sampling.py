@@ -86,7 +86,8 @@ def test_alternating_strengths_never_drift(tiny):
     for i in range(50):
         s = (-1.3, 0.4, 1.7, 0.9, -0.2)[i % 5]
         stack = [(lora, s)] if i % 2 else [(lora, s), (lokr, 1 - s)]
-        model.use_adapters(stack, mode=("merge", "dynamic")[i % 3 == 0])
+        mode = ("merge", "dynamic")[i % 3 == 0]
+        sample(model, stack, mode=mode, **{**ARGS, "steps": 1})
     model.restore_base()
     fresh = load_model(folders["sd15"])
     assert same_state(model.denoiser, state(fresh.denoiser))
