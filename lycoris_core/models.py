@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter
-from .device import place_pipeline, resolve_device, resolve_dtype
+from .device import enable_tf32, place_pipeline, resolve_device, resolve_dtype
 from .errors import ModelLoadError
 from .families import FAMILIES, Family, detect_family, family_for_pipeline_class
 from .io import PICKLE_SUFFIXES, atomic_folder
@@ -312,6 +312,7 @@ def load_model(
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     place_pipeline(pipe, dev, offload)
+    enable_tf32(dev)
     logger.info("loaded %s (%s) on %s as %s", src, detected.name, dev, dt)
     return LoadedModel(
         pipe=pipe, family=detected, source=str(src), device=dev, dtype=dt, offload=offload
