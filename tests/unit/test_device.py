@@ -41,7 +41,7 @@ def test_offload_needs_a_gpu():
     pipe = Pipe()
     place_pipeline(pipe, torch.device("cpu"), "none")
     assert pipe.device == torch.device("cpu")
-    with pytest.raises(DeviceError, match="offload 'model' .* device is cpu"):
+    with pytest.raises(DeviceError, match=r"offload 'model' .* device is cpu"):
         place_pipeline(pipe, torch.device("cpu"), "model")
     with pytest.raises(DeviceError, match="not a mode"):
         place_pipeline(pipe, torch.device("cpu"), "disk")
