@@ -1,0 +1,548 @@
+"""The training loop: ``train(spec, on_step, should_stop) -> TrainResult``.
+
+Reads top to bottom: load the model, build the LyCORIS network from the config, then for each
+step draw a batch (same-bucket items, deterministic order), encode it (cached latents and text
+embeddings), compute the family's loss, step the optimizer, report, checkpoint, validate.
+
+Safety: the first non-finite loss or gradient raises :class:`TrainingAborted` (naming the step
+and the last good checkpoint); ``should_stop()`` saves a resumable checkpoint and returns a
+partial result; an exception from ``on_step`` (ComfyUI raises its interrupt there) also saves
+first. Whatever happens, the lycoris network is removed from the model at the end, so the base
+model is left as it was. Runs outside ``torch.inference_mode`` even when called inside one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import LycorisConfig
+from ..errors import LycorisError
+from ..families import require_trainable
+from ..models import LoadedModel, load_model
+from ..targeting import create_network
+from .checkpoint import (
+    Checkpoint,
+    checkpoints_dir,
+    load_state,
+    resolve_resume,
+    save_checkpoint,
+)
+from .dataset import DatasetSpec, FeatureCache, TrainingData
+from .metadata import adapter_metadata, denoiser_config_hash
+from .objectives import Objective, ObjectiveOptions
+from .optim import build_optimizer, build_scheduler
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("no", "fp16", "bf16")
+SMOOTHING = 0.9
+
+
+class TrainingAborted(LycorisError):
+    """Training stopped on a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainSpec:
+    """Everything a training run needs. `base` is a pipeline folder/file or a loaded model."""
+
+    base: str | LoadedModel
+    config: LycorisConfig
+    dataset: DatasetSpec
+    output: str  # the adapter file to write (.safetensors)
+    steps: int = 100
+    batch_size: int = 1
+    lr: float = 1e-4
+    optimizer: str = "adamw"
+    scheduler: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    save_every: int = 0
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_every: int = 0
+    validation_lycoris_strength: float = 1.0
+    validation_steps: int = 20
+    validation_seed: int = 0
+    seed: int = 0
+    resume: str | None = None
+    objective: ObjectiveOptions = field(default_factory=ObjectiveOptions)
+    save_dtype: str = "fp32"
+    config_dir: str | None = None  # for a single-file `base`
+
+    def validate(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise LycorisError(f"training spec: {what}")
+
+        need(
+            isinstance(self.steps, int) and self.steps >= 1,
+            f"steps must be >= 1, got {self.steps!r}",
+        )
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
+        need(math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(
+            self.mixed_precision in PRECISIONS,
+            f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}",
+        )
+        need(
+            self.save_every >= 0 and self.validation_every >= 0, "save_every/validation_every >= 0"
+        )
+        need(
+            self.save_dtype in ("fp32", "fp16", "bf16"),
+            f"save_dtype must be fp32, fp16 or bf16, got {self.save_dtype!r}",
+        )
+        need(
+            str(self.output).endswith(".safetensors"),
+            f"output must be a .safetensors path, got {self.output!r}",
+        )
+        need(
+            math.isfinite(self.validation_lycoris_strength),
+            "validation_lycoris_strength must be a finite number",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "base":
+                value = value.source if isinstance(value, LoadedModel) else str(value)
+            elif f.name == "config":
+                value = value.to_dict()
+            elif dataclasses.is_dataclass(value):
+                value = {
+                    k: v
+                    for k, v in dataclasses.asdict(value).items()
+                    if k not in ("images",)  # in-memory pixels are not spec
+                }
+            out[f.name] = value
+        return out
+
+
+@dataclass(frozen=True)
+class TrainStepInfo:
+    """What ``on_step`` receives after each optimizer step."""
+
+    step: int
+    total: int
+    loss: float
+    smoothed_loss: float
+    lr: float
+    it_per_s: float
+    eta: float  # seconds
+    peak_memory: int  # bytes (CUDA peak allocated, else process max RSS)
+
+
+@dataclass
+class TrainResult:
+    adapter_path: str | None
+    steps_done: int
+    total_steps: int
+    completed: bool
+    stopped_reason: str
+    losses: list[float]
+    checkpoints: list[str]
+    validation: list[tuple[int, torch.Tensor]]
+    seconds: float
+    layers: int
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except (ImportError, OSError):  # pragma: no cover - non-POSIX
+        return 0
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+
+
+def _feeds_forward(config: LycorisConfig) -> bool:
+    preset = config.apply_preset or {}
+    targets = list(preset.get("target_module", [])) + list(preset.get("module_algo_map", {}))
+    names = " ".join(list(preset.get("target_name", []))).lower()
+    return any("feedforward" in t.lower() or "mlp" in t.lower() for t in targets) or ("ff" in names)
+
+
+class _Run:
+    """State of one training run (kept small: the loop in `train` reads top to bottom)."""
+
+    def __init__(self, spec: TrainSpec):
+        self.spec = spec
+        self.model = (
+            spec.base
+            if isinstance(spec.base, LoadedModel)
+            else load_model(spec.base, config_dir=spec.config_dir)
+        )
+        require_trainable(self.model.family)
+        self.model.restore_base()
+        self.family = self.model.family
+        self.denoiser = self.model.denoiser
+        self.device = self.denoiser.device
+        ds = dataclasses.replace(spec.dataset, flip=False, bucket_step=self.model.size_multiple)
+        self.flip = spec.dataset.flip
+        self.data = TrainingData(ds)
+        self.objective = Objective(self.model.pipe, self.family, spec.objective)
+        model_id = _hash(self.model.source + denoiser_config_hash(self.denoiser))
+        cache_dir = spec.dataset.cache_dir
+        self.latent_cache = FeatureCache(cache_dir, f"latents-{model_id}-{ds.resolution}")
+        self.text_cache = FeatureCache(
+            cache_dir, f"text-{model_id}-{spec.objective.max_sequence_length or 'default'}"
+        )
+        self.cache_latents = ds.center_crop
+        self.output = Path(spec.output)
+        self.ckpt_dir = checkpoints_dir(self.output)
+        self.val_dir = self.output.with_name(self.output.stem + "-validation")
+
+    # ------------------------------------------------------------------ batches
+    def encode_batch(
+        self, indices: list[int], rngs: list[random.Random]
+    ) -> tuple[torch.Tensor, dict]:
+        latents, conds = [], []
+        for i, rng in zip(indices, rngs, strict=True):
+            flip = self.flip and rng.random() < 0.5
+            caption = self.data.caption(i, rng)
+            key = self.data.items[i].key + ("-flip" if flip else "")
+
+            def encode(i: int = i, rng: random.Random = rng, flip: bool = flip) -> dict:
+                pixels = self.data.pixels(i, rng)
+                if flip:
+                    pixels = torch.flip(pixels, dims=[-1])
+                return {"latents": self.objective.encode_images(pixels[None])[0]}
+
+            if self.cache_latents:
+                latents.append(self.latent_cache.get_or_compute(key, encode)["latents"])
+            else:
+                latents.append(encode()["latents"])
+            text = self.text_cache.get_or_compute(
+                _hash(caption),
+                lambda caption=caption: {
+                    k: v[0] for k, v in self.objective.encode_text([caption]).items()
+                },
+            )
+            conds.append(text)
+        cond = {k: torch.stack([c[k] for c in conds]) for k in conds[0]}
+        return torch.stack(latents), cond
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(
+    spec: TrainSpec,
+    on_step: Callable[[TrainStepInfo], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Train a LyCORIS adapter; see the module docstring for the safety guarantees."""
+    spec.validate()
+    with torch.inference_mode(False), torch.enable_grad():
+        return _train(spec, on_step, should_stop)
+
+
+def _train(
+    spec: TrainSpec,
+    on_step: Callable[[TrainStepInfo], None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> TrainResult:
+    run = _Run(spec)
+    start = time.perf_counter()
+    torch.manual_seed(spec.seed)
+    random.seed(spec.seed)
+    noise_gen = torch.Generator().manual_seed(spec.seed)
+    denoiser = run.denoiser
+    denoiser.requires_grad_(False)
+    net = create_network(denoiser, spec.config)
+    try:
+        return _loop(spec, run, net, noise_gen, start, on_step, should_stop)
+    finally:
+        net.restore()
+        for lora in net.loras:  # lycoris keeps bookkeeping attributes on the wrapped layers
+            lora.org_module[0].__dict__.pop("_lycoris_wrappers", None)
+            lora.org_module[0].__dict__.pop("_lycoris_original_forward", None)
+        denoiser.eval()
+        if spec.gradient_checkpointing and hasattr(denoiser, "disable_gradient_checkpointing"):
+            denoiser.disable_gradient_checkpointing()
+
+
+def _loop(spec, run, net, noise_gen, start, on_step, should_stop) -> TrainResult:
+    net.requires_grad_(True)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = build_optimizer(spec.optimizer, params, spec.lr, spec.weight_decay)
+    scheduler = build_scheduler(spec.scheduler, optimizer, spec.steps, spec.warmup_steps)
+    step, epoch, position = 0, 0, 0
+    losses: list[float] = []
+    smoothed: float | None = None
+    checkpoints: list[str] = []
+    validation: list[tuple[int, torch.Tensor]] = []
+    last_good: Checkpoint | None = None
+
+    if spec.resume:
+        ckpt = resolve_resume(spec.resume)
+        state = load_state(ckpt)
+        net.load_state_dict(state["network"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        noise_gen.set_state(state["noise_generator"])
+        step, epoch, position = state["step"], state["epoch"], state["position"]
+        losses, smoothed = list(state["losses"]), state["smoothed_loss"]
+        last_good = ckpt
+        logger.info("resumed from %s at step %d", ckpt.path, step)
+
+    denoiser = run.denoiser
+    if spec.gradient_checkpointing and hasattr(denoiser, "enable_gradient_checkpointing"):
+        denoiser.enable_gradient_checkpointing()
+    denoiser.train(spec.gradient_checkpointing)
+    net.train()
+    autocast = _autocast(spec.mixed_precision, run.device)
+    scaler = (
+        torch.amp.GradScaler("cuda")
+        if (spec.mixed_precision == "fp16" and run.device.type == "cuda")
+        else None
+    )
+    order = run.data.epoch_order(epoch, spec.seed, spec.batch_size)
+    ff_advice = _feeds_forward(spec.config)
+
+    def snapshot(kind: str) -> Checkpoint:
+        nonlocal last_good
+        state = {
+            "network": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(),
+            "noise_generator": noise_gen.get_state(),
+            "step": step,
+            "epoch": epoch,
+            "position": position,
+            "losses": list(losses),
+            "smoothed_loss": smoothed,
+            "kind": kind,
+        }
+        ckpt = save_checkpoint(
+            run.ckpt_dir,
+            step,
+            _adapter_tensors(net, spec),
+            _metadata(spec, run, step),
+            state,
+            spec.to_dict(),
+        )
+        checkpoints.append(str(ckpt.path))
+        last_good = ckpt
+        return ckpt
+
+    def result(completed: bool, reason: str, path: str | None) -> TrainResult:
+        return TrainResult(
+            adapter_path=path,
+            steps_done=step,
+            total_steps=spec.steps,
+            completed=completed,
+            stopped_reason=reason,
+            losses=losses,
+            checkpoints=checkpoints,
+            validation=validation,
+            seconds=time.perf_counter() - start,
+            layers=len(net.loras),
+        )
+
+    t_first = time.perf_counter()
+    first_step = step
+    while step < spec.steps:
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for _ in range(spec.grad_accum):
+            if position >= len(order):
+                epoch, position = epoch + 1, 0
+                order = run.data.epoch_order(epoch, spec.seed, spec.batch_size)
+            batch = order[position]
+            position += 1
+            rngs = [random.Random(f"{spec.seed}:{epoch}:{position}:{j}") for j in range(len(batch))]
+            latents, cond = run.encode_batch(batch, rngs)
+            with autocast:
+                loss = run.objective.loss(latents, cond, noise_gen)
+            if not torch.isfinite(loss):
+                raise _aborted("loss", step + 1, loss.item(), last_good, ff_advice)
+            scaled = loss / spec.grad_accum
+            (scaler.scale(scaled) if scaler else scaled).backward()
+            step_loss += loss.item() / spec.grad_accum
+        if scaler:
+            scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(
+            params, spec.max_grad_norm if spec.max_grad_norm else float("inf")
+        )
+        if not torch.isfinite(norm) and scaler is None:
+            raise _aborted("gradient", step + 1, norm.item(), last_good, ff_advice)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        step += 1
+        losses.append(step_loss)
+        smoothed = (
+            step_loss if smoothed is None else SMOOTHING * smoothed + (1 - SMOOTHING) * step_loss
+        )
+
+        elapsed = time.perf_counter() - t_first
+        rate = (step - first_step) / elapsed if elapsed > 0 else 0.0
+        info = TrainStepInfo(
+            step=step,
+            total=spec.steps,
+            loss=step_loss,
+            smoothed_loss=smoothed,
+            lr=scheduler.get_last_lr()[0],
+            it_per_s=rate,
+            eta=(spec.steps - step) / rate if rate > 0 else 0.0,
+            peak_memory=_peak_memory(run.device),
+        )
+        if spec.save_every and step % spec.save_every == 0 and step < spec.steps:
+            snapshot("periodic")
+        if spec.validation_every and spec.validation_prompts and step % spec.validation_every == 0:
+            validation.append((step, _validate(spec, run, net, step)))
+        try:
+            if on_step is not None:
+                on_step(info)
+        except BaseException:
+            snapshot("interrupted")
+            raise
+        if should_stop is not None and step < spec.steps and should_stop():
+            ckpt = snapshot("cancelled")
+            return result(False, "cancelled", str(ckpt.adapter))
+
+    final = snapshot("final")
+    from ..io import write_safetensors
+
+    write_safetensors(run.output, _adapter_tensors(net, spec), _metadata(spec, run, step))
+    if spec.validation_prompts and (not validation or validation[-1][0] != step):
+        validation.append((step, _validate(spec, run, net, step)))
+    logger.info("trained %d steps -> %s (checkpoint %s)", step, run.output, final.path)
+    return result(True, "completed", str(run.output))
+
+
+def _autocast(precision: str, device: torch.device) -> Any:
+    if precision == "no":
+        return torch.autocast(device.type, enabled=False)
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _aborted(
+    what: str, step: int, value: float, last_good: Checkpoint | None, ff: bool
+) -> TrainingAborted:
+    where = (
+        f"the last good checkpoint is {last_good.path}"
+        if last_good
+        else "no checkpoint was saved yet (set save_every to keep one)"
+    )
+    advice = (
+        " The config trains FeedForward modules: on SDXL, training the FeedForward blocks is "
+        "known to go to NaN (the seed's warning); remove 'FeedForward' from "
+        "apply_preset.target_module and train only the Attention blocks."
+        if ff
+        else " Lower the learning rate, or use bf16 instead of fp16."
+    )
+    return TrainingAborted(
+        f"non-finite {what} ({value}) at step {step}; training stopped; {where}.{advice}"
+    )
+
+
+_SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _adapter_tensors(net: Any, spec: TrainSpec) -> dict[str, torch.Tensor]:
+    dtype = _SAVE_DTYPES[spec.save_dtype]
+    return {k: v.detach().to("cpu", dtype) for k, v in net.state_dict().items()}
+
+
+def _metadata(spec: TrainSpec, run: _Run, step: int) -> dict[str, str]:
+    return adapter_metadata(
+        spec.config,
+        run.family,
+        run.model.source,
+        run.denoiser,
+        title=run.output.stem,
+        steps=step,
+        resolution=spec.dataset.resolution,
+        dataset_hash=run.data.fingerprint(),
+        spec=spec.to_dict(),
+        prediction_type=getattr(run.objective, "prediction", None),
+    )
+
+
+def _validate(spec: TrainSpec, run: _Run, net: Any, step: int) -> torch.Tensor:
+    """Images of the validation prompts at validation_lycoris_strength; same seed each time."""
+    from ..io import atomic_write
+    from ..sampling import sample
+
+    m = run.model.size_multiple
+    side = max(m, spec.dataset.resolution // m * m)
+    net.set_multiplier(spec.validation_lycoris_strength)
+    net.eval()
+    run.denoiser.eval()
+    try:
+        images = torch.cat(
+            [
+                sample(
+                    run.model,
+                    [],
+                    prompt=prompt,
+                    steps=spec.validation_steps,
+                    seed=spec.validation_seed,
+                    width=side,
+                    height=side,
+                    max_sequence_length=spec.objective.max_sequence_length,
+                )
+                for prompt in spec.validation_prompts
+            ]
+        )
+    finally:
+        net.set_multiplier(spec.config.multiplier)
+        net.train()
+        run.denoiser.train(spec.gradient_checkpointing)
+    from PIL import Image
+
+    run.val_dir.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        array = (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        atomic_write(
+            run.val_dir / f"step-{step:06d}-{i}.png",
+            lambda tmp, array=array: Image.fromarray(array).save(tmp, format="PNG"),
+        )
+    return images
