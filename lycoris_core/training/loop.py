@@ -124,12 +124,16 @@ class TrainSpec:
                 value = value.source if isinstance(value, LoadedModel) else str(value)
             elif f.name == "config":
                 value = value.to_dict()
-            elif dataclasses.is_dataclass(value):
-                value = {
-                    k: v
-                    for k, v in dataclasses.asdict(value).items()
-                    if k not in ("images",)  # in-memory pixels are not spec
+            elif f.name == "dataset":
+                value = {  # settings, not the in-memory pixels
+                    **value.settings(),
+                    "folder": value.folder,
+                    "captions": list(value.captions) if value.captions else None,
+                    "skip_bad": value.skip_bad,
+                    "cache_dir": value.cache_dir,
                 }
+            elif dataclasses.is_dataclass(value):
+                value = dataclasses.asdict(value)
             out[f.name] = value
         return out
 
@@ -224,7 +228,9 @@ class _Run:
         cache_dir = spec.dataset.cache_dir
         self.latent_cache = FeatureCache(cache_dir, f"latents-{model_id}-{ds.resolution}")
         self.text_cache = FeatureCache(
-            cache_dir, f"text-{model_id}-{spec.objective.max_sequence_length or 'default'}"
+            cache_dir,
+            f"text-{model_id}-{spec.objective.max_sequence_length or 'default'}",
+            max_items=256,  # T5 embeddings are large; captions repeat anyway
         )
         self.cache_latents = ds.center_crop
         self.output = Path(spec.output)
