@@ -1,4 +1,4 @@
-"""Command line: ``python -m lycoris_core {demo, sample, inspect, make-tiny} ...``.
+"""Command line: ``python -m lycoris_core {demo, train, sample, inspect, make-tiny} ...``.
 
 Errors of this library are printed as one line (type and message, which carries the fix)
 and exit with status 2; anything else is a bug and keeps its traceback.
@@ -124,11 +124,92 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(desc: str, quiet: bool) -> tuple[Any, Any]:
+    """A tqdm bar and an on_step callback feeding it (training: step, loss, lr)."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, unit="step", disable=quiet, file=sys.stderr)
+
+    def on_step(info: Any) -> None:
+        bar.total = info.total
+        bar.set_postfix(loss=f"{info.smoothed_loss:.4f}", lr=f"{info.lr:.2e}", refresh=False)
+        bar.update(info.step - bar.n)
+
+    return bar, on_step
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    summary = run_demo(Path(args.out), seed=args.seed)
+    bar, on_step = _progress("training the demo", quiet=False)
+    try:
+        summary = run_demo(Path(args.out), seed=args.seed, steps=args.steps, on_step=on_step)
+    finally:
+        bar.close()
     print(summary)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import LycorisConfig
+    from .models import load_model
+    from .training.dataset import DatasetSpec
+    from .training.loop import TrainSpec, train
+    from .training.objectives import ObjectiveOptions
+
+    model = load_model(args.base, config_dir=args.config_dir, dtype=args.dtype, device=args.device)
+    dataset = DatasetSpec(
+        folder=args.data,
+        resolution=args.resolution,
+        bucket_step=model.size_multiple,
+        center_crop=not args.random_crop,
+        flip=args.flip,
+        caption_dropout=args.caption_dropout,
+        default_caption=args.default_caption,
+        trigger_word=args.trigger,
+        skip_bad=args.skip_bad,
+        cache_dir=args.cache_dir,
+    )
+    spec = TrainSpec(
+        base=model,
+        config=LycorisConfig.from_file(args.config),
+        dataset=dataset,
+        output=args.out,
+        steps=args.steps,
+        batch_size=args.batch,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        scheduler=args.scheduler,
+        warmup_steps=args.warmup,
+        grad_accum=args.grad_accum,
+        max_grad_norm=args.max_grad_norm or None,
+        mixed_precision=args.precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+        save_every=args.save_every,
+        validation_prompts=args.validation_prompt,
+        validation_every=args.validation_every,
+        validation_lycoris_strength=args.validation_lycoris_strength,
+        seed=args.seed,
+        resume=args.resume,
+        objective=ObjectiveOptions(
+            min_snr_gamma=args.min_snr_gamma, max_sequence_length=args.max_sequence_length
+        ),
+    )
+    bar, on_step = _progress("training", quiet=args.json)
+    try:
+        result = train(spec, on_step=on_step)
+    finally:
+        bar.close()
+    summary = {
+        "adapter": result.adapter_path,
+        "steps": result.steps_done,
+        "completed": result.completed,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "checkpoints": result.checkpoints,
+        "seconds": round(result.seconds, 1),
+        "layers": result.layers,
+    }
+    print(json.dumps(summary, indent=2) if args.json else f"saved {result.adapter_path}")
     return 0
 
 
@@ -178,11 +259,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_sample)
 
+    p = sub.add_parser("train", help="train a LyCORIS adapter from images + captions")
+    p.add_argument("--base", required=True, help="diffusers pipeline folder or .safetensors file")
+    p.add_argument("--config-dir", help="local diffusers folder for a single-file --base")
+    p.add_argument("--config", required=True, help="lycoris_config.json (the seed's format)")
+    p.add_argument("--data", required=True, help="folder of images + same-name .txt captions")
+    p.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--optimizer", default="adamw", help="adamw, adamw8bit, prodigy, adafactor")
+    p.add_argument("--scheduler", default="constant")
+    p.add_argument("--warmup", type=int, default=0)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    p.add_argument("--precision", choices=("no", "fp16", "bf16"), default="no")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--validation-prompt", action="append", default=[])
+    p.add_argument("--validation-every", type=int, default=0)
+    p.add_argument("--validation-lycoris-strength", type=float, default=1.0)
+    p.add_argument("--min-snr-gamma", type=float, default=None)
+    p.add_argument("--max-sequence-length", type=int, default=None)
+    p.add_argument("--random-crop", action="store_true")
+    p.add_argument("--flip", action="store_true")
+    p.add_argument("--caption-dropout", type=float, default=0.0)
+    p.add_argument("--default-caption", default="")
+    p.add_argument("--trigger", default="")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable/too small images")
+    p.add_argument("--cache-dir", help="cache latents and text embeddings on disk here")
+    p.add_argument("--resume", help="checkpoint folder, checkpoints folder, or the --out path")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--json", action="store_true", help="machine-readable summary")
+    p.set_defaults(func=_cmd_train)
+
     p = sub.add_parser(
-        "demo", help="tiny Flux + the seed's LoKr config: make, save, inspect, apply"
+        "demo", help="the main job: train the seed's config on a tiny Flux and show the result"
     )
     p.add_argument("--out", default="out", help="output folder (default: out)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=900, help="training steps (default 900)")
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -1,108 +1,165 @@
-"""The main job until training lands: the seed's config on a tiny Flux, end to end.
+"""The main job: train the seed's LyCORIS config on a tiny Flux, then show what it learned.
 
-Saves a tiny random FLUX.1-dev-layout pipeline, wraps its transformer with the seed's
-``lycoris_config.json`` (LoKr, attention + feed-forward), gives the adapter non-zero weights
-(a stand-in for training), saves it like the seed's trainer, inspects it, and applies it at
-several strengths in merge and dynamic mode, checking both against lycoris' own forward.
+Builds (or reuses) a tiny random FLUX.1-dev-layout pipeline and a small procedurally generated
+dataset, trains the seed's ``lycoris_config.json`` (LoKr on attention and feed-forward) on it,
+saves the adapter with full metadata, samples at strengths 0, 0.5 and 1 into a PNG grid, draws
+the loss curve, and writes a JSON summary with the learning measures:
+
+* the fixed-noise loss of the base model and of the trained adapter on the dataset;
+* the mean RMS distance of generated latents to the nearest training latent at each strength
+  (strength 1 should be closer to the training set than strength 0).
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .adapters import load_adapter
 from .config import SEED_EXAMPLE, LycorisConfig
-from .io import atomic_write, write_safetensors
-from .models import load_denoiser
-from .patching import patched
+from .io import atomic_write
+from .models import load_model
+from .plots import grid_image, loss_curve_image
 from .report import describe, format_report
-from .targeting import coverage, create_network
-from .tiny import denoiser_inputs, make_tiny
+from .sampling import sample
+from .targeting import coverage
+from .tiny import make_tiny
+from .training.dataset import DatasetSpec, TrainingData
+from .training.evaluate import dataset_latents, fixed_loss
+from .training.loop import TrainSpec, TrainStepInfo, train
+from .training.objectives import Objective
+from .training.synthetic import CAPTION, make_demo_dataset
 
-STRENGTHS = (0.0, 0.5, 1.0, 1.5)
+STRENGTHS = (0.0, 0.5, 1.0)
+DEMO_STEPS = 900
+RESOLUTION = 32
+SAMPLE_STEPS = 20
+SAMPLES = 4
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-@torch.no_grad()
-def run_demo(out: Path, seed: int = 0) -> str:
+def _save_png(path: Path, image: Any) -> None:
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def run_demo(
+    out: Path,
+    seed: int = 0,
+    steps: int = DEMO_STEPS,
+    on_step: Callable[[TrainStepInfo], None] | None = None,
+) -> str:
     """Run the demo into folder `out`; returns a text summary (also written to out/)."""
     out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
     base_dir = out / "tiny-flux"
     if not (base_dir / "model_index.json").is_file():
         make_tiny("flux", base_dir, seed=seed)
-    model = load_denoiser(base_dir)
+    model = load_model(base_dir)
     config = LycorisConfig.from_dict(SEED_EXAMPLE, source="seed lycoris_config.json")
-    (out / "lycoris_config.json").write_text(config.to_json() + "\n", encoding="utf-8")
-    cov = coverage(model, config)
-
-    inputs = denoiser_inputs(model, seed=seed + 1)
-    base = model(**inputs)[0]
-    net = create_network(model, config)
-    g = torch.Generator().manual_seed(seed + 2)
-    for p in net.parameters():  # stand-in for training: small non-zero factors
-        p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    reference = {}
-    for s in STRENGTHS:
-        net.set_multiplier(s)
-        reference[s] = model(**inputs)[0]
+    _write_text(out / "lycoris_config.json", config.to_json() + "\n")
+    data_dir = make_demo_dataset(out / "dataset", count=8, size=RESOLUTION, seed=seed)
+    dataset = DatasetSpec(
+        folder=str(data_dir), resolution=RESOLUTION, bucket_step=model.size_multiple
+    )
     adapter_path = out / "demo_lokr.safetensors"
-    write_safetensors(adapter_path, net.state_dict(), {"lycoris_config": config.to_json()})
-    net.restore()
+    for old in out.glob("demo_lokr-*"):  # a previous demo's checkpoints/validation
+        if old.is_dir():
+            import shutil
+
+            shutil.rmtree(old)
+    result = train(
+        TrainSpec(
+            base=model,
+            config=config,
+            dataset=dataset,
+            output=str(adapter_path),
+            steps=steps,
+            batch_size=4,
+            lr=3e-3,
+            scheduler="cosine",
+            warmup_steps=min(20, steps // 10),
+            save_every=max(1, steps // 2),
+            validation_prompts=[CAPTION],
+            validation_every=max(1, steps // 3),
+            validation_steps=SAMPLE_STEPS,
+            seed=seed,
+        ),
+        on_step=on_step,
+    )
+    trained_s = result.seconds
 
     adapter = load_adapter(adapter_path)
-    info = describe(adapter, model)
-    atomic_write(
-        out / "demo_lokr.inspect.txt",
-        lambda tmp: Path(tmp).write_text(format_report(info) + "\n", encoding="utf-8"),
-    )
-    rows = []
+    info = describe(adapter, model.denoiser)
+    _write_text(out / "demo_lokr.inspect.txt", format_report(info) + "\n")
+    data = TrainingData(dataset)
+    loss_base = fixed_loss(model, data)
+    loss_trained = fixed_loss(model, data, [(adapter, 1.0)])
+    objective = Objective(model.pipe, model.family)
+    train_latents = torch.stack(dataset_latents(objective, data))
+    rows, distances = [], {}
+    args = {
+        "prompt": CAPTION,
+        "steps": SAMPLE_STEPS,
+        "seed": 100,
+        "batch_size": SAMPLES,
+        "width": RESOLUTION,
+        "height": RESOLUTION,
+    }
     for s in STRENGTHS:
-        outs = {}
-        for mode in ("merge", "dynamic"):
-            with patched(model, [(adapter, s)], mode=mode):
-                outs[mode] = model(**inputs)[0]
-        rows.append(
-            {
-                "strength": s,
-                "change_vs_base": _rel(outs["merge"], base),
-                "merge_vs_lycoris_forward": _rel(outs["merge"], reference[s]),
-                "dynamic_vs_lycoris_forward": _rel(outs["dynamic"], reference[s]),
-                "strength0_bitwise_base": bool(torch.equal(outs["merge"], base))
-                if s == 0
-                else None,
-            }
-        )
-    unchanged = torch.equal(model(**inputs)[0], base)
-    report = {
+        rows.append(sample(model, [(adapter, s)], **args))
+        latents = sample(model, [(adapter, s)], output="latent", **args)
+        flat = (latents[:, None] - train_latents[None]).pow(2).flatten(2).mean(-1).sqrt()
+        distances[s] = flat.min(dim=1).values.mean().item()
+    dynamic = sample(model, [(adapter, 1.0)], mode="dynamic", **args)
+    model.restore_base()
+    _save_png(out / "samples_grid.png", grid_image(rows))
+    _save_png(out / "loss_curve.png", loss_curve_image(result.losses))
+
+    summary = {
         "base": str(base_dir),
         "adapter": str(adapter_path),
-        "coverage": cov.to_dict() | {"summary": cov.summary()},
-        "algorithms": adapter.algorithms(),
-        "params": adapter.num_params(),
-        "rows": rows,
-        "base_unchanged_after": unchanged,
+        "config": config.to_dict(),
+        "coverage": coverage(model.denoiser, config).summary(),
+        "steps": result.steps_done,
+        "train_seconds": round(trained_s, 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "loss_first_10": sum(result.losses[:10]) / min(10, len(result.losses)),
+        "loss_last_10": sum(result.losses[-10:]) / min(10, len(result.losses)),
+        "fixed_loss": {"base": loss_base, "trained": loss_trained},
+        "latent_distance_to_training_set": {str(s): d for s, d in distances.items()},
+        "learned": distances[1.0] < distances[0.0] and loss_trained < loss_base,
+        "merged_vs_dynamic_max_abs": (rows[-1] - dynamic).abs().max().item(),
+        "checkpoints": result.checkpoints,
+        "validation_steps": [s for s, _ in result.validation],
+        "files": {
+            "samples_grid": str(out / "samples_grid.png"),
+            "loss_curve": str(out / "loss_curve.png"),
+            "inspect": str(out / "demo_lokr.inspect.txt"),
+        },
     }
-    atomic_write(
-        out / "demo_report.json",
-        lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2), encoding="utf-8"),
-    )
+    _write_text(out / "demo_summary.json", json.dumps(summary, indent=2) + "\n")
+    d = summary["latent_distance_to_training_set"]
     lines = [
         f"tiny Flux: {base_dir}",
-        f"seed config: {cov.summary()}",
-        f"adapter: {adapter_path} ({adapter.num_params():,} params, {adapter.algorithms()})",
-        f"inspect: {out / 'demo_lokr.inspect.txt'}",
-        "strength  change   merge-vs-lycoris  dynamic-vs-lycoris",
+        f"seed config: {summary['coverage']}",
+        f"trained {result.steps_done} steps in {trained_s:.0f} s -> {adapter_path}",
+        f"loss (first 10 -> last 10 steps): {summary['loss_first_10']:.4f} -> "
+        f"{summary['loss_last_10']:.4f}",
+        f"fixed-noise loss on the dataset: base {loss_base:.4f}, trained {loss_trained:.4f}",
+        "mean latent distance of samples to the nearest training image: "
+        + ", ".join(f"strength {s}: {v:.4f}" for s, v in d.items()),
+        f"learned: {summary['learned']}",
+        f"samples (rows: strength {', '.join(str(s) for s in STRENGTHS)}): "
+        f"{summary['files']['samples_grid']}",
+        f"loss curve: {summary['files']['loss_curve']}",
+        f"summary: {out / 'demo_summary.json'}",
     ]
-    for r in rows:
-        merge, dynamic = r["merge_vs_lycoris_forward"], r["dynamic_vs_lycoris_forward"]
-        change = r["change_vs_base"]
-        lines.append(f"{r['strength']:>8.2f}  {change:.4f}   {merge:.1e}           {dynamic:.1e}")
-    lines.append(f"base weights bitwise unchanged afterwards: {unchanged}")
-    lines.append(f"report: {out / 'demo_report.json'}")
     return "\n".join(lines)

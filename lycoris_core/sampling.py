@@ -78,10 +78,13 @@ def sample(
     on_step: Callable[[StepInfo], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     max_sequence_length: int | None = None,
+    output: str = "image",
 ) -> torch.Tensor:
     """Sample `batch_size` images; image i uses seed ``seed + i``. Returns [B, H, W, C] in 0..1.
 
     `max_sequence_length` caps the T5 prompt tokens of SD3/Flux (their default: 256/512).
+    ``output="latent"`` returns the final latents instead, ``[B, C, h, w]`` (Flux unpacked),
+    in the space the VAE encoder maps images to (scaled, shifted), without decoding.
     """
     fam = model.family
     width = model.default_size if width is None else width
@@ -89,6 +92,8 @@ def sample(
     steps = fam.steps if steps is None else steps
     guidance = fam.guidance if guidance is None else guidance
     check_size(model, width, height)
+    if output not in ("image", "latent"):
+        raise LycorisError(f"output must be 'image' or 'latent', got {output!r}")
     _check_int("steps", steps, 1)
     _check_int("batch_size", batch_size, 1)
     _check_int("seed", seed, 0)
@@ -121,6 +126,8 @@ def sample(
                     "to set; leave it unset"
                 )
             extra["max_sequence_length"] = max_sequence_length
+        if output == "latent":
+            extra["output_type"] = "latent"
         model.use_adapters(adapters, mode=mode)
         return _run(
             model,
@@ -191,6 +198,10 @@ def _run(
         raise SamplingCancelled("sampling cancelled before the first step")
     with torch.inference_mode():
         images = model.pipe(**kwargs).images
+    if kwargs["output_type"] == "latent":
+        if fam.packed_latents:
+            images = model.pipe._unpack_latents(images, height, width, model.vae_scale_factor)
+        return images.float().cpu()
     if isinstance(images, list):
         images = torch.stack([torch.as_tensor(im) for im in images])
     return images.float().clamp(0, 1).permute(0, 2, 3, 1).contiguous().cpu()

@@ -24,8 +24,7 @@ from .objectives import Objective, ObjectiveOptions
 def dataset_latents(objective: Objective, data: TrainingData) -> list[torch.Tensor]:
     """The (center-crop, unflipped) latents of every dataset item."""
     return [
-        objective.encode_images(data.pixels(i, random.Random(i))[None])[0]
-        for i in range(len(data))
+        objective.encode_images(data.pixels(i, random.Random(i))[None])[0] for i in range(len(data))
     ]
 
 
