@@ -208,6 +208,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "checkpoints": result.checkpoints,
         "seconds": round(result.seconds, 1),
         "layers": result.layers,
+        "network_sha256": result.network_sha256,
     }
     print(json.dumps(summary, indent=2) if args.json else f"saved {result.adapter_path}")
     return 0

@@ -164,9 +164,50 @@ class TrainResult:
     validation: list[tuple[int, torch.Tensor]]
     seconds: float
     layers: int
+    network_sha256: str = ""  # of the trained weights (equal on every rank when distributed)
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+class _Distributed:
+    """Several processes under ``accelerate launch``/``torchrun``: accelerate's DDP does the
+    gradient averaging; each rank draws its own share of the batches; rank 0 writes files."""
+
+    def __init__(self) -> None:
+        from accelerate import Accelerator
+
+        # without a GPU, accelerate only forms a multi-process (gloo) group when told cpu=True
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.rank = self.accelerator.process_index
+        self.world = self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
+
+    @staticmethod
+    def from_env() -> _Distributed | None:
+        import os
+
+        return _Distributed() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+
+    def wrap(self, denoiser: torch.nn.Module, net: torch.nn.Module) -> Any:
+        """A DDP module whose forward is the denoiser's and whose parameters are the network's."""
+        return self.accelerator.prepare(_Trainable(denoiser, net))
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+
+class _Trainable(torch.nn.Module):
+    """Denoiser + LyCORIS network as one module (DDP needs the trainable parameters inside
+    the module whose forward it runs; lycoris keeps its modules outside the denoiser)."""
+
+    def __init__(self, denoiser: torch.nn.Module, net: torch.nn.Module):
+        super().__init__()
+        self.denoiser = denoiser
+        self.net = net
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.denoiser(*args, **kwargs)
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -210,10 +251,12 @@ class _Run:
 
     def __init__(self, spec: TrainSpec):
         self.spec = spec
+        self.dist = _Distributed.from_env()
+        device = self.dist.accelerator.device if self.dist else "auto"
         self.model = (
             spec.base
             if isinstance(spec.base, LoadedModel)
-            else load_model(spec.base, config_dir=spec.config_dir)
+            else load_model(spec.base, config_dir=spec.config_dir, device=device)
         )
         require_trainable(self.model.family)
         self.model.restore_base()
@@ -236,6 +279,14 @@ class _Run:
         self.output = Path(spec.output)
         self.ckpt_dir = checkpoints_dir(self.output)
         self.val_dir = self.output.with_name(self.output.stem + "-validation")
+        self.writes = self.dist is None or self.dist.is_main
+
+    def order(self, epoch: int) -> list[list[int]]:
+        """This process's batches of an epoch (all of them in a single process)."""
+        batches = self.data.epoch_order(epoch, self.spec.seed, self.spec.batch_size)
+        if self.dist is None:
+            return batches
+        return batches[self.dist.rank :: self.dist.world] or batches[:1]
 
     # ------------------------------------------------------------------ batches
     def encode_batch(
@@ -291,10 +342,13 @@ def _train(
     start = time.perf_counter()
     torch.manual_seed(spec.seed)
     random.seed(spec.seed)
-    noise_gen = torch.Generator().manual_seed(spec.seed)
+    rank = run.dist.rank if run.dist else 0
+    noise_gen = torch.Generator().manual_seed(spec.seed + 1_000_003 * rank)
     denoiser = run.denoiser
     denoiser.requires_grad_(False)
     net = create_network(denoiser, spec.config)
+    if run.dist is not None:
+        run.objective.forward = run.dist.wrap(denoiser, net)
     try:
         return _loop(spec, run, net, noise_gen, start, on_step, should_stop)
     finally:
@@ -343,11 +397,14 @@ def _loop(spec, run, net, noise_gen, start, on_step, should_stop) -> TrainResult
         if (spec.mixed_precision == "fp16" and run.device.type == "cuda")
         else None
     )
-    order = run.data.epoch_order(epoch, spec.seed, spec.batch_size)
+    order = run.order(epoch)
     ff_advice = _feeds_forward(spec.config)
 
     def snapshot(kind: str) -> Checkpoint:
         nonlocal last_good
+        if not run.writes:  # only rank 0 writes files
+            run.dist.barrier()
+            return Checkpoint(run.ckpt_dir / f"step-{step:06d}", step)
         state = {
             "network": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
             "optimizer": optimizer.state_dict(),
@@ -371,6 +428,8 @@ def _loop(spec, run, net, noise_gen, start, on_step, should_stop) -> TrainResult
         )
         checkpoints.append(str(ckpt.path))
         last_good = ckpt
+        if run.dist is not None:
+            run.dist.barrier()
         return ckpt
 
     def result(completed: bool, reason: str, path: str | None) -> TrainResult:
@@ -385,6 +444,7 @@ def _loop(spec, run, net, noise_gen, start, on_step, should_stop) -> TrainResult
             validation=validation,
             seconds=time.perf_counter() - start,
             layers=len(net.loras),
+            network_sha256=_state_hash(net),
         )
 
     t_first = time.perf_counter()
@@ -395,7 +455,7 @@ def _loop(spec, run, net, noise_gen, start, on_step, should_stop) -> TrainResult
         for _ in range(spec.grad_accum):
             if position >= len(order):
                 epoch, position = epoch + 1, 0
-                order = run.data.epoch_order(epoch, spec.seed, spec.batch_size)
+                order = run.order(epoch)
             batch = order[position]
             position += 1
             rngs = [random.Random(f"{spec.seed}:{epoch}:{position}:{j}") for j in range(len(batch))]
@@ -440,7 +500,12 @@ def _loop(spec, run, net, noise_gen, start, on_step, should_stop) -> TrainResult
         )
         if spec.save_every and step % spec.save_every == 0 and step < spec.steps:
             snapshot("periodic")
-        if spec.validation_every and spec.validation_prompts and step % spec.validation_every == 0:
+        if (
+            run.writes
+            and spec.validation_every
+            and spec.validation_prompts
+            and step % spec.validation_every == 0
+        ):
             validation.append((step, _validate(spec, run, net, step)))
         try:
             if on_step is not None:
@@ -455,11 +520,22 @@ def _loop(spec, run, net, noise_gen, start, on_step, should_stop) -> TrainResult
     final = snapshot("final")
     from ..io import write_safetensors
 
-    write_safetensors(run.output, _adapter_tensors(net, spec), _metadata(spec, run, step))
-    if spec.validation_prompts and (not validation or validation[-1][0] != step):
+    if run.writes:
+        write_safetensors(run.output, _adapter_tensors(net, spec), _metadata(spec, run, step))
+    if run.dist is not None:
+        run.dist.barrier()
+    if run.writes and spec.validation_prompts and (not validation or validation[-1][0] != step):
         validation.append((step, _validate(spec, run, net, step)))
     logger.info("trained %d steps -> %s (checkpoint %s)", step, run.output, final.path)
     return result(True, "completed", str(run.output))
+
+
+def _state_hash(net: Any) -> str:
+    h = hashlib.sha256()
+    for key, tensor in sorted(net.state_dict().items()):
+        h.update(key.encode())
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _autocast(precision: str, device: torch.device) -> Any:

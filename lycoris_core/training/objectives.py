@@ -54,6 +54,7 @@ class Objective:
         self.family = family
         self.options = options or ObjectiveOptions()
         self.denoiser = getattr(pipe, family.denoiser)
+        self.forward = self.denoiser  # what runs the denoiser (a DDP wrapper when distributed)
         vae_cfg = pipe.vae.config
         self.scaling = float(vae_cfg.scaling_factor)
         self.shift_factor = float(getattr(vae_cfg, "shift_factor", None) or 0.0)
@@ -147,7 +148,7 @@ class Objective:
                 "text_embeds": cond["pooled"].to(dtype),
                 "time_ids": time_ids.to(dtype),
             }
-        pred = self.denoiser(noisy.to(dtype), t, return_dict=False, **kwargs)[0].float()
+        pred = self.forward(noisy.to(dtype), t, return_dict=False, **kwargs)[0].float()
         per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
         gamma = self.options.min_snr_gamma
         if gamma is not None:
@@ -192,7 +193,7 @@ class Objective:
         target = noise - latents
         embeds, pooled = cond["prompt_embeds"].to(dtype), cond["pooled"].to(dtype)
         if self.family.name == "sd3":
-            pred = self.denoiser(
+            pred = self.forward(
                 hidden_states=noisy.to(dtype),
                 timestep=sigmas * 1000,
                 encoder_hidden_states=embeds,
@@ -208,7 +209,7 @@ class Objective:
         guidance = None
         if getattr(self.denoiser.config, "guidance_embeds", False):
             guidance = torch.full((b,), self.options.flux_guidance, device=self.device)
-        pred = self.denoiser(
+        pred = self.forward(
             hidden_states=packed.to(dtype),
             timestep=sigmas,
             guidance=guidance,
