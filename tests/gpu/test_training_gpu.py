@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -81,9 +78,6 @@ def test_memory_is_released_after_training(setup, tmp_path):
 
 
 def teardown_module(module):
-    if not FIGURES:
-        return
-    out = Path(os.environ.get("OUT") or "bench/results") / "gpu_training.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    FIGURES["device"] = torch.cuda.get_device_name(0)
-    out.write_text(json.dumps(FIGURES, indent=2))
+    from gpu_figures import write_figures
+
+    write_figures("gpu_training", FIGURES)

@@ -1,4 +1,4 @@
-"""bench/apply.py keeps working: a --quick run on a small model writes its JSON."""
+"""The benchmarks keep working: --quick runs on small models write their JSON."""
 
 from __future__ import annotations
 
@@ -10,17 +10,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_apply_benchmark_quick_run(tmp_path):
-    out = tmp_path / "apply.json"
+def run_quick(name: str, tmp_path: Path) -> dict:
+    out = tmp_path / f"{name}.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "apply.py"), "--quick", "--out", str(out)],
+        [sys.executable, str(ROOT / "bench" / f"{name}.py"), "--quick", "--out", str(out)],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    data = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_apply_benchmark_quick_run(tmp_path):
+    data = run_quick("apply", tmp_path)
     assert set(data["algorithms"]) == {"lokr", "lora", "loha"}
     for name, entry in data["algorithms"].items():
         exact = entry["correctness"]
@@ -31,16 +35,7 @@ def test_apply_benchmark_quick_run(tmp_path):
 
 
 def test_sampling_benchmark_quick_run(tmp_path):
-    out = tmp_path / "sampling.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "sampling.py"), "--quick", "--out", str(out)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    data = json.loads(out.read_text())
+    data = run_quick("sampling", tmp_path)
     assert set(data["algorithms"]) == {"lora", "lokr", "loha"}
     for name, entry in data["algorithms"].items():
         assert entry["merged_vs_dynamic_max_abs"] < 1e-4, name
