@@ -1,5 +1,9 @@
-"""Training: datasets (folders, captions, buckets, feature caches) and the training engine."""
+"""Training: datasets (folders, captions, buckets, feature caches) and the training engine.
 
+    from lycoris_core.training import DatasetSpec, TrainSpec, train, TrainingAborted
+"""
+
+from .checkpoint import CheckpointError
 from .dataset import (
     DataItem,
     DatasetError,
@@ -7,11 +11,20 @@ from .dataset import (
     FeatureCache,
     TrainingData,
 )
+from .loop import TrainingAborted, TrainResult, TrainSpec, TrainStepInfo, train
+from .objectives import ObjectiveOptions
 
 __all__ = [
+    "CheckpointError",
     "DataItem",
     "DatasetError",
     "DatasetSpec",
     "FeatureCache",
+    "ObjectiveOptions",
+    "TrainResult",
+    "TrainSpec",
+    "TrainStepInfo",
+    "TrainingAborted",
     "TrainingData",
+    "train",
 ]
