@@ -40,3 +40,11 @@ def test_sampling_benchmark_quick_run(tmp_path):
     for name, entry in data["algorithms"].items():
         assert entry["merged_vs_dynamic_max_abs"] < 1e-4, name
         assert entry["adapter_effect_max_abs"] > 1e-3, name
+
+
+def test_train_benchmark_quick_run(tmp_path):
+    data = run_quick("train", tmp_path)
+    summary = data["summary"]
+    assert summary["same_wrapped_layers"] and summary["layers_ours"] == 30
+    assert set(summary["targets_met"]) >= {"step_ratio", "rss_ratio", "cache_ratio"}
+    assert all(arm["step_ms"] > 0 for arm in data["arms"].values())
