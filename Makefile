@@ -21,6 +21,7 @@ bench:
 	@.ci/bootstrap
 	$(PY) bench/apply.py
 	$(PY) bench/sampling.py
+	$(PY) bench/train.py
 
 # On a CUDA machine: the GPU tests (figures land in $$OUT or bench/results).
 gpu-check:
