@@ -282,6 +282,29 @@ def _quiet_loading() -> Iterator[None]:
             tlog.enable_progress_bar()
 
 
+def from_pipeline(
+    pipe: Any,
+    source: str,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    offload: str = "none",
+) -> LoadedModel:
+    """Wrap a pipeline built in memory (e.g. a tiny demo model) like :func:`load_model` does."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    family = detect_family(pipe)
+    if dt != pipe.dtype:
+        pipe.to(dtype=dt)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    place_pipeline(pipe, dev, offload)
+    enable_tf32(dev)
+    return LoadedModel(
+        pipe=pipe, family=family, source=source, device=dev, dtype=dt, offload=offload
+    )
+
+
 def load_model(
     path: str | os.PathLike[str],
     *,
@@ -309,14 +332,8 @@ def load_model(
         raise ModelLoadError(
             f"{src}: is a {detected.label} model ('{detected.name}'), not '{family}'"
         )
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)
-    place_pipeline(pipe, dev, offload)
-    enable_tf32(dev)
     logger.info("loaded %s (%s) on %s as %s", src, detected.name, dev, dt)
-    return LoadedModel(
-        pipe=pipe, family=detected, source=str(src), device=dev, dtype=dt, offload=offload
-    )
+    return from_pipeline(pipe, str(src), dtype=dt, device=dev, offload=offload)
 
 
 def save_merged(

@@ -1,8 +1,36 @@
 """ComfyUI nodes of comfyui-lycoris (V1 dialect): thin glue over lycoris_core.
 
-Only nodes/_host.py may import ComfyUI modules. The node classes arrive with the node-pack
-work; until then the pack registers no nodes.
+Only nodes/_host.py imports ComfyUI modules. Node ids are public API (saved in workflows).
 """
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+from . import _host
+from .adapter_nodes import (
+    InspectLycoris,
+    LoadLycoris,
+    LoadLycorisConfig,
+    LycorisConfigNode,
+    SaveLycoris,
+)
+from .model_nodes import ApplyLycoris, LoadDiffusersModel, SampleLycoris, SaveMergedModel
+from .train_nodes import DatasetFromFolder, DatasetFromImages, LossPlot, TrainLycoris
+
+_host.register_folders()
+
+NODES = {
+    "LycorisLoadDiffusersModel": (LoadDiffusersModel, "Load Diffusers Model (LyCORIS)"),
+    "LycorisConfig": (LycorisConfigNode, "LyCORIS Config"),
+    "LycorisLoadConfig": (LoadLycorisConfig, "Load LyCORIS Config"),
+    "LycorisLoad": (LoadLycoris, "Load LyCORIS"),
+    "LycorisApply": (ApplyLycoris, "Apply LyCORIS"),
+    "LycorisSample": (SampleLycoris, "Sample (LyCORIS)"),
+    "LycorisDatasetFromFolder": (DatasetFromFolder, "Dataset from Folder (LyCORIS)"),
+    "LycorisDatasetFromImages": (DatasetFromImages, "Dataset from Images (LyCORIS)"),
+    "LycorisTrain": (TrainLycoris, "Train LyCORIS"),
+    "LycorisSave": (SaveLycoris, "Save LyCORIS"),
+    "LycorisSaveMergedModel": (SaveMergedModel, "Save Merged Model (LyCORIS)"),
+    "LycorisLossPlot": (LossPlot, "LyCORIS Loss Plot"),
+    "LycorisInspect": (InspectLycoris, "Inspect LyCORIS"),
+}
+
+NODE_CLASS_MAPPINGS = {key: cls for key, (cls, _) in NODES.items()}
+NODE_DISPLAY_NAME_MAPPINGS = {key: name for key, (_, name) in NODES.items()}

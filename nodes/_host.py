@@ -1,0 +1,179 @@
+"""The only module that touches ComfyUI: model folders, progress/cancel, events, memory.
+
+Inside ComfyUI it uses ``folder_paths``, ``comfy.utils.ProgressBar`` (whose update raises
+ComfyUI's interrupt on Cancel), ``comfy.model_management`` and ``server.PromptServer``.
+Outside ComfyUI (node tests, scripts) it falls back to plain folders under
+``$LYCORIS_HOST_ROOT`` (default ``./comfy-host``) and records events in memory, so every node
+runs anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FOLDER = "lycoris_configs"
+CONFIG_EXTENSIONS = {".json"}
+SAFETENSORS = {".safetensors"}
+
+try:  # pragma: no cover - exercised in the e2e tests, inside ComfyUI
+    import folder_paths  # type: ignore[import-not-found]
+
+    IN_COMFY = True
+except ImportError:
+    folder_paths = None
+    IN_COMFY = False
+
+# events sent while no ComfyUI server exists (node tests read them)
+EVENTS: list[tuple[str, dict]] = []
+
+
+def _fallback_root() -> Path:
+    return Path(os.environ.get("LYCORIS_HOST_ROOT", "comfy-host")).resolve()
+
+
+def register_folders() -> None:
+    """Register our ``lycoris_configs`` model folder with ComfyUI (models/lycoris_configs)."""
+    if not IN_COMFY:
+        return
+    if CONFIG_FOLDER not in folder_paths.folder_names_and_paths:  # pragma: no cover
+        path = os.path.join(folder_paths.models_dir, CONFIG_FOLDER)
+        folder_paths.add_model_folder_path(CONFIG_FOLDER, path)
+        folder_paths.folder_names_and_paths[CONFIG_FOLDER] = (
+            folder_paths.folder_names_and_paths[CONFIG_FOLDER][0],
+            CONFIG_EXTENSIONS,
+        )
+
+
+def folders(kind: str) -> list[Path]:
+    """The folders of a model kind: ``diffusers``, ``loras``, ``checkpoints``, ..."""
+    if IN_COMFY:  # pragma: no cover
+        try:
+            return [Path(p) for p in folder_paths.get_folder_paths(kind)]
+        except KeyError:
+            return [Path(folder_paths.models_dir) / kind]
+    return [_fallback_root() / "models" / kind]
+
+
+def output_dir() -> Path:
+    if IN_COMFY:  # pragma: no cover
+        return Path(folder_paths.get_output_directory())
+    return _fallback_root() / "output"
+
+
+def list_files(kind: str, extensions: set[str]) -> list[str]:
+    """Relative file names of a kind (sub-folders included), sorted."""
+    names: set[str] = set()
+    for root in folders(kind):
+        if not root.is_dir():
+            continue
+        for path in root.rglob("*"):
+            if path.is_file() and path.suffix.lower() in extensions:
+                names.add(path.relative_to(root).as_posix())
+    return sorted(names)
+
+
+def list_diffusers_folders() -> list[str]:
+    """Pipeline folders (holding model_index.json) under the diffusers model folders."""
+    names: set[str] = set()
+    for root in folders("diffusers"):
+        if not root.is_dir():
+            continue
+        for index in root.rglob("model_index.json"):
+            names.add(index.parent.relative_to(root).as_posix())
+    return sorted(names)
+
+
+def resolve(kind: str, name: str) -> Path | None:
+    """The full path of a relative name in a model kind, or None when it is not there."""
+    for root in folders(kind):
+        candidate = (root / name).resolve()
+        if root.resolve() in candidate.parents and candidate.exists():
+            return candidate
+    return None
+
+
+def primary_folder(kind: str) -> Path:
+    return folders(kind)[0]
+
+
+class Progress:
+    """Step progress: ComfyUI's ProgressBar (its update raises the interrupt on Cancel)."""
+
+    def __init__(self, total: int, node_id: str | None = None):
+        self.node_id = node_id
+        self.bar = None
+        if IN_COMFY:  # pragma: no cover
+            import comfy.utils
+
+            self.bar = comfy.utils.ProgressBar(total)
+
+    def update(self, step: int, total: int, preview: Any = None) -> None:
+        if self.bar is not None:  # pragma: no cover
+            self.bar.update_absolute(step, total, preview)
+
+
+def interrupted() -> bool:
+    """Whether the user pressed Cancel (checked between steps)."""
+    if not IN_COMFY:
+        return False
+    import comfy.model_management as mm  # pragma: no cover
+
+    return bool(mm.processing_interrupted())  # pragma: no cover
+
+
+def raise_if_interrupted() -> None:
+    if IN_COMFY:  # pragma: no cover
+        import comfy.model_management as mm
+
+        mm.throw_exception_if_processing_interrupted()
+
+
+def interrupt_exception() -> type[BaseException] | None:
+    if IN_COMFY:  # pragma: no cover
+        import comfy.model_management as mm
+
+        return mm.InterruptProcessingException
+    return None
+
+
+def send_event(event: str, data: dict, node_id: str | None = None) -> None:
+    """A named server event for the web extension (``api.addEventListener(event, ...)``)."""
+    payload = {**data, "node": node_id}
+    if IN_COMFY:  # pragma: no cover
+        from server import PromptServer
+
+        PromptServer.instance.send_sync(event, payload)
+    else:
+        EVENTS.append((event, payload))
+
+
+def send_text(node_id: str | None, text: str) -> None:
+    """The node's status line (ComfyUI shows it under the node)."""
+    if IN_COMFY and node_id is not None:  # pragma: no cover
+        from server import PromptServer
+
+        sender = getattr(PromptServer.instance, "send_progress_text", None)
+        if sender is not None:
+            sender(text, node_id)
+    else:
+        EVENTS.append(("text", {"node": node_id, "text": text}))
+
+
+def free_host_memory() -> Callable[[], None] | None:
+    """A function that asks ComfyUI to unload its models and empty its caches."""
+    if not IN_COMFY:
+        return None
+
+    def free() -> None:  # pragma: no cover
+        import comfy.model_management as mm
+
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+
+    return free

@@ -1,0 +1,36 @@
+"""The values that travel between our nodes. Immutable: ComfyUI caches and shares outputs.
+
+``LYCORIS_MODEL`` is a :class:`ModelHandle`: a loaded pipeline plus the adapters stacked on it
+(nothing touches the weights until a sampler or trainer runs). ``LYCORIS_ADAPTER`` is a
+``lycoris_core.Adapter``, ``LYCORIS_CONFIG`` a ``LycorisConfig``, ``LYCORIS_DATASET`` a
+``DatasetSpec``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ..lycoris_core import Adapter
+from ..lycoris_core.models import LoadedModel
+
+MODEL = "LYCORIS_MODEL"
+ADAPTER = "LYCORIS_ADAPTER"
+CONFIG = "LYCORIS_CONFIG"
+DATASET = "LYCORIS_DATASET"
+CATEGORY = "LyCORIS"
+
+
+@dataclass(frozen=True)
+class ModelHandle:
+    """A base model and the adapters applied to it, each at its strength, in one mode."""
+
+    model: LoadedModel
+    adapters: tuple[tuple[Adapter, float], ...] = ()
+    mode: str = "merge"
+
+    def with_adapter(self, adapter: Adapter, strength: float, mode: str) -> ModelHandle:
+        return replace(self, adapters=(*self.adapters, (adapter, float(strength))), mode=mode)
+
+    def describe(self) -> str:
+        stack = ", ".join(f"{a.name}@{s:g}" for a, s in self.adapters) or "no adapters"
+        return f"{self.model.source} ({self.model.family.name}; {stack}; {self.mode})"

@@ -1,0 +1,311 @@
+"""Nodes for base models: load, apply LyCORIS at a strength, sample, save merged."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ..lycoris_core.device import DTYPES, OFFLOAD_MODES
+from ..lycoris_core.models import from_pipeline, load_model, save_merged
+from ..lycoris_core.patching import MODES
+from ..lycoris_core.sampling import sample
+from ..lycoris_core.tiny import FAMILIES as TINY_FAMILIES
+from ..lycoris_core.tiny import build_pipeline
+from . import _host
+from .handles import ADAPTER, CATEGORY, MODEL, ModelHandle
+
+DEMO_PREFIX = "demo: tiny-"
+FILE_PREFIX = "file: "
+NONE = "(none)"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
+
+
+def model_choices() -> list[str]:
+    files = [
+        FILE_PREFIX + f"{kind}/{name}"
+        for kind in ("checkpoints", "diffusion_models", "unet")
+        for name in _host.list_files(kind, _host.SAFETENSORS)
+    ]
+    return _host.list_diffusers_folders() + files + [DEMO_PREFIX + f for f in TINY_FAMILIES]
+
+
+def check_output_name(name: str, what: str = "name") -> str | None:
+    """None if `name` is a safe file/folder name, else the error text (no paths, no '..')."""
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+        return (
+            f"{what} {name!r} must be a plain name (letters, digits, space . _ -, no '/' or "
+            "'..', at most 100 characters); it is saved inside ComfyUI's models folder"
+        )
+    return None
+
+
+class LoadDiffusersModel:
+    DESCRIPTION = (
+        "Load a diffusers pipeline (SD1.x/2.x, SDXL, SD3, Flux) from ComfyUI's models/diffusers "
+        "folder, a single .safetensors file with a diffusers config folder, or a built-in tiny "
+        "random demo model (random weights: for trying workflows, not for pictures)."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The base model, with no LyCORIS applied yet.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "model": (
+                    model_choices(),
+                    {"tooltip": "A diffusers folder, a single file ('file: ...'), or a demo."},
+                ),
+                "dtype": (
+                    list(DTYPES),
+                    {"default": "auto", "tooltip": "auto: bf16/fp16 on GPU, fp32 on CPU."},
+                ),
+                "device": (
+                    ["auto", "cuda", "mps", "cpu"],
+                    {"default": "auto", "tooltip": "auto: cuda > mps > cpu."},
+                ),
+                "offload": (
+                    list(OFFLOAD_MODES),
+                    {
+                        "default": "none",
+                        "tooltip": "Move weights to the GPU only when used (less VRAM, slower).",
+                    },
+                ),
+            },
+            "optional": {
+                "config_folder": (
+                    [NONE, *_host.list_diffusers_folders()],
+                    {
+                        "default": NONE,
+                        "tooltip": "For a single file: the diffusers folder with its configs.",
+                    },
+                ),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, model: str, **kwargs: Any) -> bool | str:
+        if model.startswith(FILE_PREFIX) and kwargs.get("config_folder", NONE) == NONE:
+            return "a single-file model needs config_folder: a diffusers folder of the same model"
+        return True
+
+    def run(
+        self, model: str, dtype: str, device: str, offload: str, config_folder: str = NONE
+    ) -> tuple[ModelHandle]:
+        free = _host.free_host_memory()
+        if free is not None:
+            free()
+        if model.startswith(DEMO_PREFIX):
+            family = model[len(DEMO_PREFIX) :]
+            loaded = from_pipeline(
+                build_pipeline(family), model, dtype=dtype, device=device, offload=offload
+            )
+            return (ModelHandle(loaded),)
+        cfg = None if config_folder == NONE else _host.resolve("diffusers", config_folder)
+        if model.startswith(FILE_PREFIX):
+            kind, _, name = model[len(FILE_PREFIX) :].partition("/")
+            path = _host.resolve(kind, name)
+        else:
+            path = _host.resolve("diffusers", model)
+        if path is None:
+            from ..lycoris_core.errors import ModelLoadError
+
+            raise ModelLoadError(f"{model}: not found in ComfyUI's model folders; refresh the list")
+        loaded = load_model(path, config_dir=cfg, dtype=dtype, device=device, offload=offload)
+        return (ModelHandle(loaded),)
+
+
+class ApplyLycoris:
+    DESCRIPTION = (
+        "Put a LyCORIS adapter on a model at a strength. Chain several to stack them. Nothing "
+        "changes until a sampler or trainer runs; the base model is restored exactly afterwards."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model with this adapter added to its stack.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "model": (MODEL, {"tooltip": "The model (possibly already carrying adapters)."}),
+                "adapter": (ADAPTER, {"tooltip": "The LyCORIS file to apply."}),
+                "strength": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": -10.0,
+                        "max": 10.0,
+                        "step": 0.01,
+                        "tooltip": "LyCORIS' own multiplier semantics; 0 = off, negative inverts.",
+                    },
+                ),
+                "mode": (
+                    list(MODES),
+                    {
+                        "default": "merge",
+                        "tooltip": "merge: fastest sampling; dynamic: weights untouched (the whole stack uses the last mode chosen).",
+                    },
+                ),
+            }
+        }
+
+    def run(
+        self, model: ModelHandle, adapter: Any, strength: float, mode: str
+    ) -> tuple[ModelHandle]:
+        return (model.with_adapter(adapter, strength, mode),)
+
+
+class SampleLycoris:
+    DESCRIPTION = (
+        "Sample images with the model and its LyCORIS stack. Returns ComfyUI IMAGEs (connect to "
+        "Save Image, Preview Image, upscalers). Image i of a batch uses seed + i. Cancel works "
+        "between steps."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+    OUTPUT_TOOLTIPS = ("The sampled images, [batch, height, width, 3] in 0..1.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "model": (MODEL, {"tooltip": "The model and its LyCORIS stack."}),
+                "prompt": (
+                    "STRING",
+                    {"multiline": True, "default": "", "tooltip": "What to draw."},
+                ),
+                "negative_prompt": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "",
+                        "tooltip": "What to avoid (ignored by Flux).",
+                    },
+                ),
+                "width": (
+                    "INT",
+                    {
+                        "default": 1024,
+                        "min": 16,
+                        "max": 8192,
+                        "step": 8,
+                        "tooltip": "A multiple of 16 for Flux/SD3, 8 for SD1.x/SDXL.",
+                    },
+                ),
+                "height": (
+                    "INT",
+                    {
+                        "default": 1024,
+                        "min": 16,
+                        "max": 8192,
+                        "step": 8,
+                        "tooltip": "A multiple of 16 for Flux/SD3, 8 for SD1.x/SDXL.",
+                    },
+                ),
+                "steps": (
+                    "INT",
+                    {"default": 28, "min": 1, "max": 1000, "tooltip": "Denoising steps."},
+                ),
+                "guidance": (
+                    "FLOAT",
+                    {
+                        "default": 3.5,
+                        "min": 0.0,
+                        "max": 100.0,
+                        "step": 0.1,
+                        "tooltip": "Guidance scale (Flux: distilled guidance).",
+                    },
+                ),
+                "seed": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 0xFFFFFFFFFFFFFFF,
+                        "control_after_generate": True,
+                        "tooltip": "Seed of the first image; image i uses seed + i.",
+                    },
+                ),
+                "batch_size": (
+                    "INT",
+                    {"default": 1, "min": 1, "max": 64, "tooltip": "Images per run."},
+                ),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def run(
+        self,
+        model: ModelHandle,
+        prompt: str,
+        negative_prompt: str,
+        width: int,
+        height: int,
+        steps: int,
+        guidance: float,
+        seed: int,
+        batch_size: int,
+        unique_id: str | None = None,
+    ) -> tuple[Any]:
+        bar = _host.Progress(steps, unique_id)
+        images = sample(
+            model.model,
+            list(model.adapters),
+            mode=model.mode,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            width=width,
+            height=height,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            batch_size=batch_size,
+            on_step=lambda info: bar.update(info.step, info.total),
+            should_stop=_host.interrupted,
+        )
+        return (images,)
+
+
+class SaveMergedModel:
+    DESCRIPTION = (
+        "Save the model with its LyCORIS stack baked in as a diffusers folder in models/diffusers "
+        "(the seed's save_pretrained step). Written to a temporary folder, then renamed."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("path",)
+    OUTPUT_TOOLTIPS = ("The folder written.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "model": (MODEL, {"tooltip": "The model and the adapters to bake in."}),
+                "folder_name": (
+                    "STRING",
+                    {
+                        "default": "merged-lycoris",
+                        "tooltip": "New folder name inside models/diffusers.",
+                    },
+                ),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, folder_name: str, **kwargs: Any) -> bool | str:
+        return check_output_name(folder_name, "folder_name") or True
+
+    def run(self, model: ModelHandle, folder_name: str) -> dict[str, Any]:
+        target = _host.primary_folder("diffusers") / folder_name
+        path = save_merged(model.model, list(model.adapters), target)
+        return {"ui": {"text": [str(path)]}, "result": (str(path),)}

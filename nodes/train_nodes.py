@@ -1,0 +1,443 @@
+"""Nodes for training: datasets, the Train node (with checkpoints, validation, live events),
+and a loss plot."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..lycoris_core import load_adapter
+from ..lycoris_core.plots import loss_curve_image, to_image_tensor
+from ..lycoris_core.training import DatasetSpec, TrainSpec, TrainStepInfo, train
+from ..lycoris_core.training.checkpoint import checkpoints_dir, list_checkpoints
+from ..lycoris_core.training.optim import OPTIMIZERS, SCHEDULERS
+from . import _host
+from .adapter_nodes import OUTPUT_SUBFOLDER
+from .handles import ADAPTER, CATEGORY, CONFIG, DATASET, MODEL, ModelHandle
+from .model_nodes import check_output_name
+
+EVENT = "lycoris.train"
+
+
+def _bucket_inputs() -> dict[str, Any]:
+    return {
+        "resolution": (
+            "INT",
+            {
+                "default": 1024,
+                "min": 16,
+                "max": 4096,
+                "step": 8,
+                "tooltip": "Target side; buckets keep about this many pixels.",
+            },
+        ),
+        "center_crop": (
+            "BOOLEAN",
+            {"default": True, "tooltip": "Center crop (cacheable) or random crop."},
+        ),
+        "flip": ("BOOLEAN", {"default": False, "tooltip": "Random horizontal flips."}),
+        "caption_dropout": (
+            "FLOAT",
+            {
+                "default": 0.0,
+                "min": 0.0,
+                "max": 1.0,
+                "step": 0.01,
+                "tooltip": "Probability of training an image with an empty caption.",
+            },
+        ),
+        "trigger_word": ("STRING", {"default": "", "tooltip": "Prepended to every caption."}),
+    }
+
+
+class DatasetFromFolder:
+    DESCRIPTION = (
+        "Images with same-name .txt captions in a folder (kohya 'N_name' sub-folders repeat N "
+        "times). Buckets, crops and flips are set here; checked when training starts."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = (DATASET,)
+    RETURN_NAMES = ("dataset",)
+    OUTPUT_TOOLTIPS = ("The dataset description for Train LyCORIS.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "folder": ("STRING", {"default": "", "tooltip": "Full path of the image folder."}),
+                **_bucket_inputs(),
+                "default_caption": (
+                    "STRING",
+                    {"default": "", "tooltip": "Caption of images without a .txt."},
+                ),
+                "skip_bad": (
+                    "BOOLEAN",
+                    {
+                        "default": False,
+                        "tooltip": "Skip unreadable or too small images (one warning) instead of failing.",
+                    },
+                ),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, folder: str, **kwargs: Any) -> bool | str:
+        if not folder.strip() or not Path(folder).expanduser().is_dir():
+            return f"dataset folder {folder!r} does not exist; give the full path of a folder of images"
+        return True
+
+    @classmethod
+    def IS_CHANGED(cls, folder: str, **kwargs: Any) -> str:
+        root = Path(folder).expanduser()
+        if not root.is_dir():
+            return folder
+        stamp = [
+            (str(p), p.stat().st_mtime_ns, p.stat().st_size)
+            for p in sorted(root.rglob("*"))
+            if p.is_file()
+        ]
+        return hashlib.sha256(json.dumps(stamp).encode()).hexdigest()
+
+    def run(self, folder: str, **options: Any) -> tuple[DatasetSpec]:
+        return (DatasetSpec(folder=str(Path(folder).expanduser()), bucket_step=8, **options),)
+
+
+class DatasetFromImages:
+    DESCRIPTION = "An IMAGE batch with captions (one per line, or one line for all) as a dataset."
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = (DATASET,)
+    RETURN_NAMES = ("dataset",)
+    OUTPUT_TOOLTIPS = ("The dataset description for Train LyCORIS.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "images": ("IMAGE", {"tooltip": "The training images."}),
+                "captions": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "",
+                        "tooltip": "One caption per line (or a single line for all images).",
+                    },
+                ),
+                **_bucket_inputs(),
+            }
+        }
+
+    def run(self, images: torch.Tensor, captions: str, **options: Any) -> tuple[DatasetSpec]:
+        lines = [line.strip() for line in captions.splitlines() if line.strip()] or [""]
+        return (DatasetSpec(images=images.clone(), captions=lines, bucket_step=8, **options),)
+
+
+def _empty_image() -> torch.Tensor:
+    return torch.zeros(1, 64, 64, 3)
+
+
+def _run_hash(model: ModelHandle, config: Any, dataset: DatasetSpec, params: dict) -> str:
+    data = dataset.settings() | {"folder": dataset.folder, "captions": list(dataset.captions or ())}
+    if dataset.images is not None:
+        data["images"] = hashlib.sha256(
+            dataset.images.float().contiguous().numpy().tobytes()
+        ).hexdigest()
+    blob = json.dumps(
+        {"model": model.describe(), "config": config.to_dict(), "data": data, "params": params},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class TrainLycoris:
+    DESCRIPTION = (
+        "Train a LyCORIS adapter with the seed's config format. Saves into models/loras/lycoris: "
+        "checkpoints every N steps, validation images at validation_lycoris_strength, a live loss "
+        "chart on the node; Cancel keeps a resumable checkpoint (turn on 'resume' to continue). "
+        "A finished run with the same inputs is reused instead of retrained."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    RETURN_TYPES = (ADAPTER, "STRING", "IMAGE", "IMAGE", "STRING")
+    RETURN_NAMES = ("adapter", "path", "loss_curve", "validation", "summary")
+    OUTPUT_TOOLTIPS = (
+        "The trained adapter (connect to Apply LyCORIS).",
+        "Where it was saved.",
+        "The loss curve.",
+        "The last validation images (black when none).",
+        "A JSON summary: steps, losses, checkpoints, timings.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "model": (
+                    MODEL,
+                    {"tooltip": "The base model (its LyCORIS stack is not used for training)."},
+                ),
+                "config": (CONFIG, {"tooltip": "The LyCORIS config."}),
+                "dataset": (DATASET, {"tooltip": "Images and captions."}),
+                "output_name": (
+                    "STRING",
+                    {"default": "my_lycoris", "tooltip": "File name in models/loras/lycoris."},
+                ),
+                "steps": (
+                    "INT",
+                    {"default": 1000, "min": 1, "max": 1000000, "tooltip": "Optimizer steps."},
+                ),
+                "learning_rate": (
+                    "FLOAT",
+                    {
+                        "default": 1e-4,
+                        "min": 1e-8,
+                        "max": 1.0,
+                        "step": 1e-5,
+                        "tooltip": "Peak learning rate.",
+                    },
+                ),
+                "batch_size": (
+                    "INT",
+                    {
+                        "default": 1,
+                        "min": 1,
+                        "max": 64,
+                        "tooltip": "Images per step (same bucket).",
+                    },
+                ),
+                "optimizer": (
+                    list(OPTIMIZERS),
+                    {
+                        "default": "adamw",
+                        "tooltip": "adamw8bit needs bitsandbytes, prodigy needs prodigyopt.",
+                    },
+                ),
+                "scheduler": (
+                    list(SCHEDULERS),
+                    {"default": "constant", "tooltip": "Learning-rate schedule (diffusers)."},
+                ),
+                "precision": (
+                    ["no", "bf16", "fp16"],
+                    {"default": "bf16", "tooltip": "Mixed precision (autocast); 'no' on CPU."},
+                ),
+                "gradient_checkpointing": (
+                    "BOOLEAN",
+                    {"default": False, "tooltip": "Less memory, slower steps."},
+                ),
+                "save_every": (
+                    "INT",
+                    {
+                        "default": 250,
+                        "min": 0,
+                        "max": 1000000,
+                        "tooltip": "Checkpoint every N steps (0: only at the end).",
+                    },
+                ),
+                "validation_prompt": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "",
+                        "tooltip": "One prompt per line; empty: no validation.",
+                    },
+                ),
+                "validation_every": (
+                    "INT",
+                    {
+                        "default": 250,
+                        "min": 0,
+                        "max": 1000000,
+                        "tooltip": "Validation images every N steps.",
+                    },
+                ),
+                "validation_lycoris_strength": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": -10.0,
+                        "max": 10.0,
+                        "step": 0.05,
+                        "tooltip": "The seed's field: adapter strength for validation images.",
+                    },
+                ),
+                "seed": (
+                    "INT",
+                    {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Training seed."},
+                ),
+                "resume": (
+                    "BOOLEAN",
+                    {"default": False, "tooltip": "Continue from this output's latest checkpoint."},
+                ),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, output_name: str, **kwargs: Any) -> bool | str:
+        return check_output_name(output_name, "output_name") or True
+
+    def run(
+        self,
+        model: ModelHandle,
+        config: Any,
+        dataset: DatasetSpec,
+        output_name: str,
+        unique_id: str | None = None,
+        **params: Any,
+    ) -> dict[str, Any]:
+        out = _host.primary_folder("loras") / OUTPUT_SUBFOLDER / f"{output_name}.safetensors"
+        run_hash = _run_hash(model, config, dataset, params)
+        stamp = out.with_suffix(".run.json")
+        if (
+            out.is_file()
+            and stamp.is_file()
+            and json.loads(stamp.read_text()).get("hash") == run_hash
+        ):
+            summary = json.loads(stamp.read_text())["summary"] | {"reused": True}
+            return self._outputs(out, summary, None, unique_id)
+        resume = params.pop("resume")
+        if resume and not list_checkpoints(checkpoints_dir(out)):
+            from ..lycoris_core.training.checkpoint import CheckpointError
+
+            raise CheckpointError(
+                f"resume is on but {checkpoints_dir(out)} has no checkpoint; turn resume off to "
+                "start a new run"
+            )
+        prompts = [p.strip() for p in params.pop("validation_prompt").splitlines() if p.strip()]
+        spec = TrainSpec(
+            base=model.model,
+            config=config,
+            dataset=dataset,
+            output=str(out),
+            steps=params["steps"],
+            batch_size=params["batch_size"],
+            lr=params["learning_rate"],
+            optimizer=params["optimizer"],
+            scheduler=params["scheduler"],
+            mixed_precision=params["precision"] if model.model.device.type != "cpu" else "no",
+            gradient_checkpointing=params["gradient_checkpointing"],
+            save_every=params["save_every"],
+            validation_prompts=prompts,
+            validation_every=params["validation_every"],
+            validation_lycoris_strength=params["validation_lycoris_strength"],
+            seed=params["seed"],
+            resume=str(out) if resume else None,
+        )
+        bar = _host.Progress(spec.steps, unique_id)
+
+        def on_step(info: TrainStepInfo) -> None:
+            data = {
+                "step": info.step,
+                "total": info.total,
+                "loss": info.loss,
+                "smoothed_loss": info.smoothed_loss,
+                "lr": info.lr,
+                "it_per_s": info.it_per_s,
+                "eta": info.eta,
+            }
+            _host.send_event(EVENT, data, unique_id)
+            _host.send_text(
+                unique_id,
+                f"step {info.step}/{info.total}  loss {info.smoothed_loss:.4f}  "
+                f"{info.it_per_s:.2f} it/s  eta {info.eta:.0f} s",
+            )
+            bar.update(info.step, info.total)  # raises ComfyUI's interrupt on Cancel
+
+        free = _host.free_host_memory()
+        if free is not None:
+            free()
+        model.model.restore_base()
+        try:
+            result = train(spec, on_step=on_step, should_stop=_host.interrupted)
+        except BaseException as exc:
+            interrupt = _host.interrupt_exception()
+            if interrupt is not None and isinstance(exc, interrupt):
+                saved = list_checkpoints(checkpoints_dir(out))
+                _host.send_event(
+                    EVENT,
+                    {"status": "cancelled", "checkpoint": str(saved[-1].path) if saved else None},
+                    unique_id,
+                )
+            raise
+        summary = {
+            "adapter_path": result.adapter_path,
+            "steps": result.steps_done,
+            "completed": result.completed,
+            "stopped": result.stopped_reason,
+            "final_loss": result.losses[-1] if result.losses else None,
+            "losses": result.losses,
+            "checkpoints": result.checkpoints,
+            "seconds": round(result.seconds, 1),
+            "layers": result.layers,
+        }
+        if not result.completed:  # Cancel noticed between steps: keep the checkpoint, report it
+            _host.send_event(
+                EVENT, {"status": "cancelled", "checkpoint": result.checkpoints[-1]}, unique_id
+            )
+            _host.raise_if_interrupted()
+            return self._outputs(Path(result.adapter_path), summary, result, unique_id)
+        stamp.write_text(json.dumps({"hash": run_hash, "summary": summary}))
+        _host.send_event(EVENT, {"status": "done", "adapter_path": str(out)}, unique_id)
+        return self._outputs(out, summary, result, unique_id)
+
+    def _outputs(
+        self, path: Path, summary: dict, result: Any, unique_id: str | None
+    ) -> dict[str, Any]:
+        adapter = load_adapter(path)
+        curve = to_image_tensor(loss_curve_image(summary.get("losses") or []))
+        validation = (
+            result.validation[-1][1] if result is not None and result.validation else _empty_image()
+        )
+        text = json.dumps(summary)
+        ui = {
+            "text": [text],
+            "adapter_path": [str(path)],
+            "final_loss": [summary.get("final_loss")],
+        }
+        return {"ui": ui, "result": (adapter, str(path), curve, validation, text)}
+
+
+class LossPlot:
+    DESCRIPTION = "Draw the loss curve of a Train LyCORIS summary as an IMAGE."
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("The loss curve (raw and smoothed).",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "summary": (
+                    "STRING",
+                    {"forceInput": True, "tooltip": "The summary output of Train LyCORIS."},
+                ),
+                "width": (
+                    "INT",
+                    {"default": 640, "min": 128, "max": 4096, "tooltip": "Image width."},
+                ),
+                "height": (
+                    "INT",
+                    {"default": 360, "min": 96, "max": 4096, "tooltip": "Image height."},
+                ),
+            }
+        }
+
+    def run(self, summary: str, width: int, height: int) -> tuple[torch.Tensor]:
+        try:
+            losses = json.loads(summary).get("losses", [])
+        except (json.JSONDecodeError, AttributeError):
+            from ..lycoris_core.errors import LycorisError
+
+            raise LycorisError(
+                "LyCORIS Loss Plot: 'summary' is not the JSON summary of Train LyCORIS"
+            ) from None
+        return (to_image_tensor(loss_curve_image(losses, width, height)),)

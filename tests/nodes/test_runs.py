@@ -1,0 +1,201 @@
+"""Every node's run, on the built-in tiny demo models, against the fake host (plain folders)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lycoris_core.config import SEED_EXAMPLE
+from lycoris_core.training.synthetic import make_demo_dataset
+
+FLUX = "demo: tiny-flux"
+SAMPLE = {
+    "prompt": "a sks disc",
+    "negative_prompt": "",
+    "width": 32,
+    "height": 32,
+    "steps": 2,
+    "guidance": 3.5,
+    "seed": 5,
+    "batch_size": 2,
+}
+TRAIN = {
+    "steps": 6,
+    "learning_rate": 3e-3,
+    "batch_size": 2,
+    "optimizer": "adamw",
+    "scheduler": "constant",
+    "precision": "no",
+    "gradient_checkpointing": False,
+    "save_every": 3,
+    "validation_prompt": "a sks disc",
+    "validation_every": 3,
+    "validation_lycoris_strength": 1.0,
+    "seed": 0,
+    "resume": False,
+}
+SEED_WIDGETS = {
+    "algo": "lokr",
+    "multiplier": 1.0,
+    "linear_dim": 10000,
+    "linear_alpha": 1.0,
+    "factor": 10,
+    "target_modules": "Attention, FeedForward",
+    "module_algo_map": json.dumps(SEED_EXAMPLE["apply_preset"]["module_algo_map"]),
+    "extra": "{}",
+}
+
+
+def run(nodes, key, **inputs):
+    cls = nodes[key]
+    out = getattr(cls(), cls.FUNCTION)(**inputs)
+    return out["result"] if isinstance(out, dict) else out
+
+
+@pytest.fixture(scope="module")
+def flux(nodes):
+    return run(
+        nodes, "LycorisLoadDiffusersModel", model=FLUX, dtype="auto", device="cpu", offload="none"
+    )[0]
+
+
+@pytest.fixture(scope="module")
+def dataset(nodes, host_root):
+    folder = make_demo_dataset(host_root / "data", count=4, size=32)
+    kw = {
+        "resolution": 32,
+        "center_crop": True,
+        "flip": False,
+        "caption_dropout": 0.0,
+        "trigger_word": "",
+        "default_caption": "",
+        "skip_bad": False,
+    }
+    return run(nodes, "LycorisDatasetFromFolder", folder=str(folder), **kw)[0]
+
+
+@pytest.fixture(scope="module")
+def trained(pack, nodes, flux, dataset, host_root):
+    events = pack.nodes._host.EVENTS
+    events.clear()
+    config, coverage = run(nodes, "LycorisConfig", model=flux, **SEED_WIDGETS)
+    assert "30 layers wrapped" in coverage and "as FluxAttention" in coverage
+    outputs = run(
+        nodes,
+        "LycorisTrain",
+        model=flux,
+        config=config,
+        dataset=dataset,
+        output_name="node_run",
+        unique_id="7",
+        **TRAIN,
+    )
+    return config, outputs, list(events)
+
+
+def test_model_choices_list_demos_and_folders(nodes, host_root):
+    (host_root / "models" / "diffusers" / "mine").mkdir(parents=True)
+    (host_root / "models" / "diffusers" / "mine" / "model_index.json").write_text("{}")
+    choices = nodes["LycorisLoadDiffusersModel"].INPUT_TYPES()["required"]["model"][0]
+    assert "mine" in choices and FLUX in choices and "demo: tiny-sd15" in choices
+
+
+def test_train_node_writes_file_events_and_outputs(trained, host_root):
+    _, (adapter, path, curve, validation, summary), events = trained
+    assert Path(path) == host_root / "models" / "loras" / "lycoris" / "node_run.safetensors"
+    assert Path(path).is_file() and len(adapter.layers) == 30
+    s = json.loads(summary)
+    assert s["steps"] == 6 and s["completed"] and len(s["losses"]) == 6
+    assert curve.shape[0] == 1 and curve.shape[-1] == 3 and validation.shape == (1, 32, 32, 3)
+    steps = [d["step"] for e, d in events if e == "lycoris.train" and "step" in d]
+    assert steps == [1, 2, 3, 4, 5, 6] and all(d["node"] == "7" for e, d in events if e != "text")
+    assert any(e == "text" and "loss" in d["text"] for e, d in events)
+    assert any(e == "lycoris.train" and d.get("status") == "done" for e, d in events)
+
+
+def test_same_inputs_reuse_the_finished_run(nodes, flux, dataset, trained):
+    config, (_, path, *_), _ = trained
+    before = Path(path).stat().st_mtime_ns
+    again = run(
+        nodes,
+        "LycorisTrain",
+        model=flux,
+        config=config,
+        dataset=dataset,
+        output_name="node_run",
+        **TRAIN,
+    )
+    assert json.loads(again[4])["reused"] is True and Path(path).stat().st_mtime_ns == before
+
+
+def test_load_apply_sample_inspect_save(nodes, flux, trained, host_root):
+    base = run(nodes, "LycorisSample", model=flux, **SAMPLE)[0]
+    assert base.shape == (2, 32, 32, 3)
+    adapter = run(nodes, "LycorisLoad", lycoris_name="lycoris/node_run.safetensors")[0]
+    zero = run(nodes, "LycorisApply", model=flux, adapter=adapter, strength=0.0, mode="merge")[0]
+    assert torch.equal(run(nodes, "LycorisSample", model=zero, **SAMPLE)[0], base)
+    on = run(nodes, "LycorisApply", model=flux, adapter=adapter, strength=1.0, mode="dynamic")[0]
+    assert flux.adapters == () and len(on.adapters) == 1  # handles are immutable
+    images = run(nodes, "LycorisSample", model=on, **SAMPLE)[0]
+    assert (images - base).abs().max() > 1e-4
+    report = run(nodes, "LycorisInspect", adapter=adapter, model=flux)[0]
+    assert "30 matched, 0 unmatched" in report
+    saved = run(nodes, "LycorisSave", adapter=adapter, file_name="copy")[0]
+    assert Path(saved).is_file()
+    merged = run(nodes, "LycorisSaveMergedModel", model=on, folder_name="baked")[0]
+    assert (Path(merged) / "model_index.json").is_file()
+    baked = run(
+        nodes,
+        "LycorisLoadDiffusersModel",
+        model="baked",
+        dtype="auto",
+        device="cpu",
+        offload="none",
+    )[0]
+    assert (run(nodes, "LycorisSample", model=baked, **SAMPLE)[0] - images).abs().max() < 1e-4
+
+
+def test_config_file_loss_plot_and_image_dataset(nodes, flux, trained, host_root):
+    folder = host_root / "models" / "lycoris_configs"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "seed.json").write_text(json.dumps(SEED_EXAMPLE))
+    config, coverage = run(nodes, "LycorisLoadConfig", config_file="seed.json", path="", model=flux)
+    assert config == trained[0] and "30 layers wrapped" in coverage
+    plot = run(nodes, "LycorisLossPlot", summary=trained[1][4], width=320, height=200)[0]
+    assert plot.shape == (1, 200, 320, 3)
+    images = torch.rand(2, 40, 40, 3)
+    ds = run(
+        nodes,
+        "LycorisDatasetFromImages",
+        images=images,
+        captions="a\nb",
+        resolution=32,
+        center_crop=True,
+        flip=False,
+        caption_dropout=0.0,
+        trigger_word="sks",
+    )[0]
+    assert list(ds.captions) == ["a", "b"] and ds.trigger_word == "sks"
+
+
+def test_cheap_checks_fail_before_anything_loads(nodes, host_root):
+    train = nodes["LycorisTrain"]
+    for bad in ("../escape", "a/b", "", "x" * 200):
+        assert "plain name" in train.VALIDATE_INPUTS(output_name=bad)
+    assert train.VALIDATE_INPUTS(output_name="ok_name") is True
+    msg = nodes["LycorisConfig"].VALIDATE_INPUTS(
+        **{**SEED_WIDGETS, "extra": '{"unbalanced_factor": true}'}
+    )
+    assert "Did you mean 'unbalanced_factorization'" in msg
+    msg = nodes["LycorisConfig"].VALIDATE_INPUTS(**{**SEED_WIDGETS, "module_algo_map": "{oops"})
+    assert "module_algo_map' is not valid JSON" in msg
+    assert "does not exist" in nodes["LycorisDatasetFromFolder"].VALIDATE_INPUTS(
+        folder=str(host_root / "nope")
+    )
+    assert "not in the loras folder" in nodes["LycorisLoad"].VALIDATE_INPUTS(
+        lycoris_name="missing.safetensors"
+    )
+    assert "plain name" in nodes["LycorisSaveMergedModel"].VALIDATE_INPUTS(folder_name="../../x")
