@@ -66,6 +66,13 @@ def output_dir() -> Path:
     return _fallback_root() / "output"
 
 
+def temp_dir() -> Path:
+    """ComfyUI's temp folder (served by /view?type=temp)."""
+    if IN_COMFY:  # pragma: no cover
+        return Path(folder_paths.get_temp_directory())
+    return _fallback_root() / "temp"
+
+
 def list_files(kind: str, extensions: set[str]) -> list[str]:
     """Relative file names of a kind (sub-folders included), sorted."""
     names: set[str] = set()

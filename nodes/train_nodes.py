@@ -137,6 +137,21 @@ class DatasetFromImages:
         return (DatasetSpec(images=images.clone(), captions=lines, bucket_step=8, **options),)
 
 
+def _save_previews(images: torch.Tensor, stem: str) -> list[dict[str, str]]:
+    """Validation images as PNGs in ComfyUI's temp folder, as /view references."""
+    from PIL import Image
+
+    folder = _host.temp_dir() / "lycoris"
+    folder.mkdir(parents=True, exist_ok=True)
+    refs = []
+    for i, image in enumerate(images):
+        name = f"{stem}-{i}.png"
+        array = (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        Image.fromarray(array).save(folder / name)
+        refs.append({"filename": name, "subfolder": "lycoris", "type": "temp"})
+    return refs
+
+
 def _empty_image() -> torch.Tensor:
     return torch.zeros(1, 64, 64, 3)
 
@@ -350,12 +365,18 @@ class TrainLycoris:
             )
             bar.update(info.step, info.total)  # raises ComfyUI's interrupt on Cancel
 
+        def on_validation(step: int, images: torch.Tensor) -> None:
+            refs = _save_previews(images, f"{output_name}-step{step:06d}")
+            _host.send_event(EVENT, {"step": step, "validation": refs}, unique_id)
+
         free = _host.free_host_memory()
         if free is not None:
             free()
         model.model.restore_base()
         try:
-            result = train(spec, on_step=on_step, should_stop=_host.interrupted)
+            result = train(
+                spec, on_step=on_step, should_stop=_host.interrupted, on_validation=on_validation
+            )
         except BaseException as exc:
             interrupt = _host.interrupt_exception()
             if interrupt is not None and isinstance(exc, interrupt):

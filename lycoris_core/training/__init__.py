@@ -1,6 +1,6 @@
 """Training: datasets (folders, captions, buckets, feature caches) and the training engine.
 
-    from lycoris_core.training import DatasetSpec, TrainSpec, train, TrainingAborted
+from lycoris_core.training import DatasetSpec, TrainSpec, train, TrainingAborted
 """
 
 from .checkpoint import CheckpointError

@@ -326,17 +326,22 @@ def train(
     spec: TrainSpec,
     on_step: Callable[[TrainStepInfo], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_validation: Callable[[int, torch.Tensor], None] | None = None,
 ) -> TrainResult:
-    """Train a LyCORIS adapter; see the module docstring for the safety guarantees."""
+    """Train a LyCORIS adapter; see the module docstring for the safety guarantees.
+
+    ``on_validation(step, images)`` receives each set of validation images as it is made.
+    """
     spec.validate()
     with torch.inference_mode(False), torch.enable_grad():
-        return _train(spec, on_step, should_stop)
+        return _train(spec, on_step, should_stop, on_validation)
 
 
 def _train(
     spec: TrainSpec,
     on_step: Callable[[TrainStepInfo], None] | None,
     should_stop: Callable[[], bool] | None,
+    on_validation: Callable[[int, torch.Tensor], None] | None,
 ) -> TrainResult:
     run = _Run(spec)
     start = time.perf_counter()
@@ -350,7 +355,7 @@ def _train(
     if run.dist is not None:
         run.objective.forward = run.dist.wrap(denoiser, net)
     try:
-        return _loop(spec, run, net, noise_gen, start, on_step, should_stop)
+        return _loop(spec, run, net, noise_gen, start, on_step, should_stop, on_validation)
     finally:
         net.restore()
         for lora in net.loras:  # lycoris keeps bookkeeping attributes on the wrapped layers
@@ -361,7 +366,7 @@ def _train(
             denoiser.disable_gradient_checkpointing()
 
 
-def _loop(spec, run, net, noise_gen, start, on_step, should_stop) -> TrainResult:
+def _loop(spec, run, net, noise_gen, start, on_step, should_stop, on_validation) -> TrainResult:
     net.requires_grad_(True)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = build_optimizer(spec.optimizer, params, spec.lr, spec.weight_decay)
@@ -507,6 +512,8 @@ def _loop(spec, run, net, noise_gen, start, on_step, should_stop) -> TrainResult
             and step % spec.validation_every == 0
         ):
             validation.append((step, _validate(spec, run, net, step)))
+            if on_validation is not None:
+                on_validation(*validation[-1])
         try:
             if on_step is not None:
                 on_step(info)

@@ -110,10 +110,14 @@ def test_train_node_writes_file_events_and_outputs(trained, host_root):
     s = json.loads(summary)
     assert s["steps"] == 6 and s["completed"] and len(s["losses"]) == 6
     assert curve.shape[0] == 1 and curve.shape[-1] == 3 and validation.shape == (1, 32, 32, 3)
-    steps = [d["step"] for e, d in events if e == "lycoris.train" and "step" in d]
+    steps = [d["step"] for e, d in events if e == "lycoris.train" and "loss" in d]
     assert steps == [1, 2, 3, 4, 5, 6] and all(d["node"] == "7" for e, d in events if e != "text")
     assert any(e == "text" and "loss" in d["text"] for e, d in events)
     assert any(e == "lycoris.train" and d.get("status") == "done" for e, d in events)
+    previews = [d for e, d in events if e == "lycoris.train" and "validation" in d]
+    assert [d["step"] for d in previews] == [3, 6]
+    ref = previews[-1]["validation"][0]
+    assert (host_root / "temp" / ref["subfolder"] / ref["filename"]).is_file()
 
 
 def test_same_inputs_reuse_the_finished_run(nodes, flux, dataset, trained):
