@@ -23,6 +23,18 @@ from .model_nodes import check_output_name
 EVENT = "lycoris.train"
 
 
+DEMO_DATASET = "demo: discs"
+
+
+def _dataset_folder(folder: str) -> Path:
+    """The folder of a dataset; ``demo: discs`` is a small generated one (no download)."""
+    if folder.strip() == DEMO_DATASET:
+        from ..lycoris_core.training.synthetic import make_demo_dataset
+
+        return make_demo_dataset(_host.temp_dir() / "lycoris-demo-dataset", count=8, size=32)
+    return Path(folder).expanduser()
+
+
 def _bucket_inputs() -> dict[str, Any]:
     return {
         "resolution": (
@@ -69,7 +81,13 @@ class DatasetFromFolder:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "folder": ("STRING", {"default": "", "tooltip": "Full path of the image folder."}),
+                "folder": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "tooltip": "Full path of the image folder ('demo: discs' = 8 generated images, for the demo model).",
+                    },
+                ),
                 **_bucket_inputs(),
                 "default_caption": (
                     "STRING",
@@ -87,13 +105,18 @@ class DatasetFromFolder:
 
     @classmethod
     def VALIDATE_INPUTS(cls, folder: str, **kwargs: Any) -> bool | str:
+        if folder.strip() == DEMO_DATASET:
+            return True
         if not folder.strip() or not Path(folder).expanduser().is_dir():
-            return f"dataset folder {folder!r} does not exist; give the full path of a folder of images"
+            return (
+                f"dataset folder {folder!r} does not exist; give the full path of a folder of "
+                f"images (or '{DEMO_DATASET}' for the built-in demo images)"
+            )
         return True
 
     @classmethod
     def IS_CHANGED(cls, folder: str, **kwargs: Any) -> str:
-        root = Path(folder).expanduser()
+        root = _dataset_folder(folder)
         if not root.is_dir():
             return folder
         stamp = [
@@ -104,7 +127,7 @@ class DatasetFromFolder:
         return hashlib.sha256(json.dumps(stamp).encode()).hexdigest()
 
     def run(self, folder: str, **options: Any) -> tuple[DatasetSpec]:
-        return (DatasetSpec(folder=str(Path(folder).expanduser()), bucket_step=8, **options),)
+        return (DatasetSpec(folder=str(_dataset_folder(folder)), bucket_step=8, **options),)
 
 
 class DatasetFromImages:
