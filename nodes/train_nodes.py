@@ -180,11 +180,10 @@ def _empty_image() -> torch.Tensor:
 
 
 def _run_hash(model: ModelHandle, config: Any, dataset: DatasetSpec, params: dict) -> str:
-    data = dataset.settings() | {"folder": dataset.folder, "captions": list(dataset.captions or ())}
-    if dataset.images is not None:
-        data["images"] = hashlib.sha256(
-            dataset.images.float().contiguous().numpy().tobytes()
-        ).hexdigest()
+    """Identity of a training run: model + adapters, config, dataset content, parameters."""
+    from ..lycoris_core.training import TrainingData
+
+    data = TrainingData(dataset).fingerprint()  # image bytes, captions, buckets, settings
     blob = json.dumps(
         {"model": model.describe(), "config": config.to_dict(), "data": data, "params": params},
         sort_keys=True,

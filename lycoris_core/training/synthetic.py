@@ -47,6 +47,10 @@ def make_demo_dataset(
     root.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     for i in range(count):
-        demo_image(size, rng).save(root / f"disc_{i:02d}.png")
-        (root / f"disc_{i:02d}.txt").write_text(CAPTION + "\n", encoding="utf-8")
+        image = demo_image(size, rng)  # drawn every time: keeps the rng sequence
+        png, txt = root / f"disc_{i:02d}.png", root / f"disc_{i:02d}.txt"
+        if not png.exists():  # same arguments, same images: keep existing files (and mtimes)
+            image.save(png)
+        if not txt.exists():
+            txt.write_text(CAPTION + "\n", encoding="utf-8")
     return root
