@@ -10,6 +10,7 @@ runs anywhere.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -149,9 +150,16 @@ def interrupt_exception() -> type[BaseException] | None:
     return None
 
 
+def _finite(value: Any) -> Any:
+    """JSON has no NaN/Infinity: the browser's JSON.parse would drop the whole event."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def send_event(event: str, data: dict, node_id: str | None = None) -> None:
     """A named server event for the web extension (``api.addEventListener(event, ...)``)."""
-    payload = {**data, "node": node_id}
+    payload = {**{k: _finite(v) for k, v in data.items()}, "node": node_id}
     if IN_COMFY:  # pragma: no cover
         from server import PromptServer
 
