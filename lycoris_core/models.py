@@ -282,6 +282,28 @@ def _quiet_loading() -> Iterator[None]:
             tlog.enable_progress_bar()
 
 
+@torch.inference_mode(False)
+def as_normal_tensors(module: nn.Module) -> int:
+    """Replace inference tensors (made under ``torch.inference_mode``, as ComfyUI runs every
+    node) by normal copies, so the module can be trained; returns how many were replaced."""
+    replaced = 0
+    with torch.no_grad():
+        for sub in module.modules():
+            for _, param in list(sub.named_parameters(recurse=False)):
+                if torch.is_inference(param):
+                    param.data = param.data.clone()
+                    replaced += 1
+            for name, buf in list(sub.named_buffers(recurse=False)):
+                if buf is not None and torch.is_inference(buf):
+                    sub._buffers[name] = buf.clone()
+                    replaced += 1
+    return replaced
+
+
+def _components(pipe: Any) -> list[nn.Module]:
+    return [c for c in getattr(pipe, "components", {}).values() if isinstance(c, nn.Module)]
+
+
 def from_pipeline(
     pipe: Any,
     source: str,
@@ -294,6 +316,8 @@ def from_pipeline(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     family = detect_family(pipe)
+    for component in _components(pipe):  # built under inference_mode: make it trainable
+        as_normal_tensors(component)
     if dt != pipe.dtype:
         pipe.to(dtype=dt)
     if hasattr(pipe, "set_progress_bar_config"):
@@ -325,7 +349,7 @@ def load_model(
     cfg = Path(config_dir) if config_dir is not None else None
     if family is not None and family not in FAMILIES:
         raise ModelLoadError(f"family {family!r} is unknown; use one of {', '.join(FAMILIES)}")
-    with _quiet_loading():
+    with _quiet_loading(), torch.inference_mode(False):  # trainable weights, even in ComfyUI
         pipe = _load_pipe(src, cfg, family, dt)
     detected = detect_family(pipe)
     if family is not None and detected.name != family:

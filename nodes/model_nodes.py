@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import torch
+
 from ..lycoris_core.device import DTYPES, OFFLOAD_MODES
 from ..lycoris_core.models import from_pipeline, load_model, save_merged
 from ..lycoris_core.patching import MODES
@@ -100,9 +102,9 @@ class LoadDiffusersModel:
             free()
         if model.startswith(DEMO_PREFIX):
             family = model[len(DEMO_PREFIX) :]
-            loaded = from_pipeline(
-                build_pipeline(family), model, dtype=dtype, device=device, offload=offload
-            )
+            with torch.inference_mode(False):  # trainable weights (ComfyUI runs nodes in it)
+                pipe = build_pipeline(family)
+            loaded = from_pipeline(pipe, model, dtype=dtype, device=device, offload=offload)
             return (ModelHandle(loaded),)
         cfg = None if config_folder == NONE else _host.resolve("diffusers", config_folder)
         if model.startswith(FILE_PREFIX):

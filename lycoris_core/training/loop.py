@@ -29,7 +29,7 @@ import torch
 from ..config import LycorisConfig
 from ..errors import LycorisError
 from ..families import require_trainable
-from ..models import LoadedModel, load_model
+from ..models import LoadedModel, as_normal_tensors, load_model
 from ..targeting import create_network
 from .checkpoint import (
     Checkpoint,
@@ -260,6 +260,7 @@ class _Run:
         )
         require_trainable(self.model.family)
         self.model.restore_base()
+        as_normal_tensors(self.model.denoiser)  # weights loaded under inference_mode
         self.family = self.model.family
         self.denoiser = self.model.denoiser
         self.device = self.denoiser.device

@@ -62,7 +62,8 @@ def execute(api: dict, nodes: dict, host_root: Path, sets: dict | None = None) -
                         }
                     )
                     assert verdict is True, verdict
-                out = getattr(cls(), cls.FUNCTION)(**inputs)
+                with torch.inference_mode():  # as ComfyUI runs every node
+                    out = getattr(cls(), cls.FUNCTION)(**inputs)
                 results[node_id] = out["result"] if isinstance(out, dict) else out
         return results[node_id]
 

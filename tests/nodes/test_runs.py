@@ -50,8 +50,10 @@ SEED_WIDGETS = {
 
 
 def run(nodes, key, **inputs):
+    """Call a node the way ComfyUI does: inside torch.inference_mode()."""
     cls = nodes[key]
-    out = getattr(cls(), cls.FUNCTION)(**inputs)
+    with torch.inference_mode():
+        out = getattr(cls(), cls.FUNCTION)(**inputs)
     return out["result"] if isinstance(out, dict) else out
 
 

@@ -293,3 +293,13 @@ def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint(tmp_path):
     from safetensors.torch import load_file
 
     assert torch.equal(load_file(str(found[0].adapter))["a"], torch.ones(4))
+
+
+def test_a_model_loaded_under_inference_mode_still_trains(tiny, tmp_path):
+    """ComfyUI runs the loader node inside torch.inference_mode(): its weights must train."""
+    root, data, _ = tiny
+    with torch.inference_mode():
+        model = load_model(root / "sd15")
+        assert not any(torch.is_inference(p) for p in model.denoiser.parameters())
+        result = train(spec_for(model, data, tmp_path / "im.safetensors", steps=2))
+    assert result.completed
