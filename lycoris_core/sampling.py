@@ -95,6 +95,12 @@ def sample(
     if output not in ("image", "latent"):
         raise LycorisError(f"output must be 'image' or 'latent', got {output!r}")
     _check_int("steps", steps, 1)
+    limit = getattr(getattr(model.pipe, "scheduler", None), "config", {}).get("num_train_timesteps")
+    if limit and fam.denoiser == "unet" and steps >= limit:  # DDPM-style schedulers
+        raise LycorisError(
+            f"steps {steps} is too many for this scheduler ({limit} training timesteps); "
+            f"use at most {limit - 1} (25 to 50 is usual)"
+        )
     _check_int("batch_size", batch_size, 1)
     _check_int("seed", seed, 0)
     if not isinstance(prompt, str) or not isinstance(negative_prompt, str):

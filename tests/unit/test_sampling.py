@@ -175,6 +175,8 @@ def test_bad_inputs_are_typed_errors(tiny, tmp_path):
         sample(model, **ARGS, width=30, height=32)
     with pytest.raises(LycorisError, match="steps must be an integer >= 1"):
         sample(model, **{**ARGS, "steps": 0})
+    with pytest.raises(LycorisError, match="use at most 999"):
+        sample(models["sd15"], **{**ARGS, "steps": 1000})
     with pytest.raises(AdapterFormatError, match="matches 0 modules"):
         sample(model, [(adapters["sd15"]["lora"], 1.0)], **ARGS)
     assert model.active_patch is None
