@@ -13,7 +13,7 @@ from ..lycoris_core.errors import ConfigError
 from ..lycoris_core.io import write_safetensors
 from ..lycoris_core.report import describe, format_report
 from . import _host
-from .handles import ADAPTER, CATEGORY, CONFIG, MODEL, ModelHandle
+from .handles import ADAPTER, CONFIG, MODEL, LycorisNode, ModelHandle
 from .model_nodes import check_output_name
 
 OUTPUT_SUBFOLDER = "lycoris"  # inside ComfyUI's loras folder
@@ -78,13 +78,11 @@ def _coverage_text(model: ModelHandle | None, config: LycorisConfig) -> str:
     )
 
 
-class LycorisConfigNode:
+class LycorisConfigNode(LycorisNode):
     DESCRIPTION = (
         "Build a LyCORIS config (the seed's lycoris_config.json format) from widgets. Connect a "
         "model to see which modules it wraps. Unknown keys or wrong types are errors with a fix."
     )
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
     RETURN_TYPES = (CONFIG, "STRING")
     RETURN_NAMES = ("config", "coverage")
     OUTPUT_TOOLTIPS = ("The validated config.", "The config JSON and, with a model, what it wraps.")
@@ -189,13 +187,11 @@ class LycorisConfigNode:
         return config, _coverage_text(model, config)
 
 
-class LoadLycorisConfig:
+class LoadLycorisConfig(LycorisNode):
     DESCRIPTION = (
         "Load a lycoris_config.json (the seed's format) from ComfyUI's models/lycoris_configs "
         "folder, or from a path. Validated: errors name the file and the JSON path."
     )
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
     RETURN_TYPES = (CONFIG, "STRING")
     RETURN_NAMES = ("config", "coverage")
     OUTPUT_TOOLTIPS = ("The validated config.", "The config JSON and, with a model, what it wraps.")
@@ -242,13 +238,11 @@ class LoadLycorisConfig:
         return config, _coverage_text(model, config)
 
 
-class LoadLycoris:
+class LoadLycoris(LycorisNode):
     DESCRIPTION = (
         "Load a LyCORIS/LoRA .safetensors file from ComfyUI's loras folder (our trained files "
         "are in loras/lycoris). Every algorithm lycoris 4.x saves; pickle files are refused."
     )
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
     RETURN_TYPES = (ADAPTER,)
     RETURN_NAMES = ("adapter",)
     OUTPUT_TOOLTIPS = ("The adapter, ready for Apply LyCORIS.",)
@@ -284,12 +278,10 @@ class LoadLycoris:
         return (load_adapter(_host.resolve("loras", lycoris_name)),)
 
 
-class SaveLycoris:
+class SaveLycoris(LycorisNode):
     DESCRIPTION = (
         "Save an adapter (tensors and metadata) into models/loras/lycoris/<name>.safetensors."
     )
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("path",)
@@ -326,13 +318,11 @@ class SaveLycoris:
         return {"ui": {"text": [str(target)]}, "result": (str(target),)}
 
 
-class InspectLycoris:
+class InspectLycoris(LycorisNode):
     DESCRIPTION = (
         "Describe an adapter: algorithm per layer, ranks/factors, metadata, and with a model the "
         "matched and unmatched layers (the cause of 'trained but has no effect')."
     )
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("report",)

@@ -20,6 +20,13 @@ DATASET = "LYCORIS_DATASET"
 CATEGORY = "LyCORIS"
 
 
+class LycorisNode:
+    """What every node of the pack shares (V1 dialect: class attributes, no instance state)."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+
+
 @dataclass(frozen=True)
 class ModelHandle:
     """A base model and the adapters applied to it, each at its strength, in one mode."""

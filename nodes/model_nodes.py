@@ -14,7 +14,7 @@ from ..lycoris_core.sampling import sample
 from ..lycoris_core.tiny import FAMILIES as TINY_FAMILIES
 from ..lycoris_core.tiny import build_pipeline
 from . import _host
-from .handles import ADAPTER, CATEGORY, MODEL, ModelHandle
+from .handles import ADAPTER, MODEL, LycorisNode, ModelHandle
 
 DEMO_PREFIX = "demo: tiny-"
 FILE_PREFIX = "file: "
@@ -41,14 +41,12 @@ def check_output_name(name: str, what: str = "name") -> str | None:
     return None
 
 
-class LoadDiffusersModel:
+class LoadDiffusersModel(LycorisNode):
     DESCRIPTION = (
         "Load a diffusers pipeline (SD1.x/2.x, SDXL, SD3, Flux) from ComfyUI's models/diffusers "
         "folder, a single .safetensors file with a diffusers config folder, or a built-in tiny "
         "random demo model (random weights: for trying workflows, not for pictures)."
     )
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
     RETURN_TYPES = (MODEL,)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The base model, with no LyCORIS applied yet.",)
@@ -120,13 +118,11 @@ class LoadDiffusersModel:
         return (ModelHandle(loaded),)
 
 
-class ApplyLycoris:
+class ApplyLycoris(LycorisNode):
     DESCRIPTION = (
         "Put a LyCORIS adapter on a model at a strength. Chain several to stack them. Nothing "
         "changes until a sampler or trainer runs; the base model is restored exactly afterwards."
     )
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
     RETURN_TYPES = (MODEL,)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The model with this adapter added to its stack.",)
@@ -163,14 +159,12 @@ class ApplyLycoris:
         return (model.with_adapter(adapter, strength, mode),)
 
 
-class SampleLycoris:
+class SampleLycoris(LycorisNode):
     DESCRIPTION = (
         "Sample images with the model and its LyCORIS stack. Returns ComfyUI IMAGEs (connect to "
         "Save Image, Preview Image, upscalers). Image i of a batch uses seed + i. Cancel works "
         "between steps."
     )
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("images",)
     OUTPUT_TOOLTIPS = ("The sampled images, [batch, height, width, 3] in 0..1.",)
@@ -276,13 +270,11 @@ class SampleLycoris:
         return (images,)
 
 
-class SaveMergedModel:
+class SaveMergedModel(LycorisNode):
     DESCRIPTION = (
         "Save the model with its LyCORIS stack baked in as a diffusers folder in models/diffusers "
         "(the seed's save_pretrained step). Written to a temporary folder, then renamed."
     )
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("path",)

@@ -17,7 +17,7 @@ from ..lycoris_core.training.checkpoint import checkpoints_dir, list_checkpoints
 from ..lycoris_core.training.optim import OPTIMIZERS, SCHEDULERS
 from . import _host
 from .adapter_nodes import OUTPUT_SUBFOLDER
-from .handles import ADAPTER, CATEGORY, CONFIG, DATASET, MODEL, ModelHandle
+from .handles import ADAPTER, CONFIG, DATASET, MODEL, LycorisNode, ModelHandle
 from .model_nodes import check_output_name
 
 EVENT = "lycoris.train"
@@ -66,13 +66,11 @@ def _bucket_inputs() -> dict[str, Any]:
     }
 
 
-class DatasetFromFolder:
+class DatasetFromFolder(LycorisNode):
     DESCRIPTION = (
         "Images with same-name .txt captions in a folder (kohya 'N_name' sub-folders repeat N "
         "times). Buckets, crops and flips are set here; checked when training starts."
     )
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
     RETURN_TYPES = (DATASET,)
     RETURN_NAMES = ("dataset",)
     OUTPUT_TOOLTIPS = ("The dataset description for Train LyCORIS.",)
@@ -130,10 +128,8 @@ class DatasetFromFolder:
         return (DatasetSpec(folder=str(_dataset_folder(folder)), bucket_step=8, **options),)
 
 
-class DatasetFromImages:
+class DatasetFromImages(LycorisNode):
     DESCRIPTION = "An IMAGE batch with captions (one per line, or one line for all) as a dataset."
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
     RETURN_TYPES = (DATASET,)
     RETURN_NAMES = ("dataset",)
     OUTPUT_TOOLTIPS = ("The dataset description for Train LyCORIS.",)
@@ -192,15 +188,13 @@ def _run_hash(model: ModelHandle, config: Any, dataset: DatasetSpec, params: dic
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-class TrainLycoris:
+class TrainLycoris(LycorisNode):
     DESCRIPTION = (
         "Train a LyCORIS adapter with the seed's config format. Saves into models/loras/lycoris: "
         "checkpoints every N steps, validation images at validation_lycoris_strength, a live loss "
         "chart on the node; Cancel keeps a resumable checkpoint (turn on 'resume' to continue). "
         "A finished run with the same inputs is reused instead of retrained."
     )
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
     OUTPUT_NODE = True
     RETURN_TYPES = (ADAPTER, "STRING", "IMAGE", "IMAGE", "STRING")
     RETURN_NAMES = ("adapter", "path", "loss_curve", "validation", "summary")
@@ -447,10 +441,8 @@ class TrainLycoris:
         return {"ui": ui, "result": (adapter, str(path), curve, validation, text)}
 
 
-class LossPlot:
+class LossPlot(LycorisNode):
     DESCRIPTION = "Draw the loss curve of a Train LyCORIS summary as an IMAGE."
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)
     OUTPUT_TOOLTIPS = ("The loss curve (raw and smoothed).",)
