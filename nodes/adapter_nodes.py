@@ -163,21 +163,25 @@ class LycorisConfigNode(LycorisNode):
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, **kwargs: Any) -> bool | str:
-        keys = (
-            "algo",
-            "multiplier",
-            "linear_dim",
-            "linear_alpha",
-            "factor",
-            "target_modules",
-            "module_algo_map",
-            "extra",
-        )
-        if not all(k in kwargs for k in keys):
-            return True  # linked widgets are checked when the node runs
+    def VALIDATE_INPUTS(
+        cls,
+        algo: str,
+        multiplier: float,
+        linear_dim: int,
+        linear_alpha: float,
+        factor: int,
+        target_modules: str,
+        module_algo_map: str,
+        extra: str,
+    ) -> bool | str:
+        # Named arguments only: ComfyUI skips its own min/max/combo checks for the inputs a
+        # VALIDATE_INPUTS names (all of them with **kwargs); LycorisConfig checks these fully.
+        widgets = dict(locals())
+        widgets.pop("cls")
+        if any(v is None for v in widgets.values()):
+            return True  # a linked widget: checked when the node runs
         try:
-            config_from_widgets(**{k: kwargs[k] for k in keys})
+            config_from_widgets(**widgets)
         except ConfigError as exc:
             return str(exc)
         return True
@@ -303,7 +307,7 @@ class SaveLycoris(LycorisNode):
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, file_name: str, **kwargs: Any) -> bool | str:
+    def VALIDATE_INPUTS(cls, file_name: str) -> bool | str:
         return check_output_name(file_name.removesuffix(".safetensors"), "file_name") or True
 
     def run(self, adapter: Any, file_name: str) -> dict[str, Any]:

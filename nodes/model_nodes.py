@@ -87,8 +87,10 @@ class LoadDiffusersModel(LycorisNode):
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model: str, **kwargs: Any) -> bool | str:
-        if model.startswith(FILE_PREFIX) and kwargs.get("config_folder", NONE) == NONE:
+    def VALIDATE_INPUTS(cls, model: str, config_folder: str = NONE) -> bool | str:
+        if model not in model_choices():
+            return f"model {model!r} is not in ComfyUI's model folders; refresh the node list"
+        if model.startswith(FILE_PREFIX) and config_folder == NONE:
             return "a single-file model needs config_folder: a diffusers folder of the same model"
         return True
 
@@ -296,7 +298,7 @@ class SaveMergedModel(LycorisNode):
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, folder_name: str, **kwargs: Any) -> bool | str:
+    def VALIDATE_INPUTS(cls, folder_name: str) -> bool | str:
         return check_output_name(folder_name, "folder_name") or True
 
     def run(self, model: ModelHandle, folder_name: str) -> dict[str, Any]:

@@ -102,7 +102,7 @@ class DatasetFromFolder(LycorisNode):
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, folder: str, **kwargs: Any) -> bool | str:
+    def VALIDATE_INPUTS(cls, folder: str) -> bool | str:
         if folder.strip() == DEMO_DATASET:
             return True
         if not folder.strip() or not Path(folder).expanduser().is_dir():
@@ -311,7 +311,7 @@ class TrainLycoris(LycorisNode):
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, output_name: str, **kwargs: Any) -> bool | str:
+    def VALIDATE_INPUTS(cls, output_name: str) -> bool | str:
         return check_output_name(output_name, "output_name") or True
 
     def run(

@@ -68,6 +68,19 @@ def test_every_node_is_well_formed(nodes):
                 assert p.default is not inspect.Parameter.empty, (key, name)
 
 
+def test_validate_inputs_keep_the_hosts_own_checks(nodes):
+    """ComfyUI skips its min/max/combo checks for every input a VALIDATE_INPUTS names, and for
+    all inputs when it takes **kwargs: ours name only what they check themselves."""
+    for key, cls in nodes.items():
+        check = getattr(cls, "VALIDATE_INPUTS", None)
+        if check is None:
+            continue
+        spec = inspect.getfullargspec(check)
+        assert spec.varkw is None, f"{key}.VALIDATE_INPUTS takes **kwargs"
+        declared = {n for s in ("required", "optional") for n in cls.INPUT_TYPES().get(s, {})}
+        assert set(spec.args[1:]) <= declared, key
+
+
 def test_interface_snapshot(nodes):
     """Node ids, input names/types and outputs are saved in users' workflows: change on purpose.
 

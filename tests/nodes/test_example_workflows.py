@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -53,12 +54,13 @@ def execute(api: dict, nodes: dict, host_root: Path, sets: dict | None = None) -
             else:
                 cls = nodes[kind]
                 check = getattr(cls, "VALIDATE_INPUTS", None)
-                if check is not None:
+                if check is not None:  # like ComfyUI: only the widget inputs it names
+                    named = inspect.getfullargspec(check).args
                     verdict = check(
                         **{
                             k: v
                             for k, v in inputs.items()
-                            if not isinstance(node["inputs"][k], list)
+                            if k in named and not isinstance(node["inputs"][k], list)
                         }
                     )
                     assert verdict is True, verdict
