@@ -42,9 +42,12 @@ from lycoris_core.tiny import build_pipeline  # noqa: E402
 MERGED_TARGET = 1.02
 DYNAMIC_TARGET = 1.10
 ALGOS = ("lora", "lokr", "loha")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build(quick: bool, seed: int) -> tuple[LoadedModel, int]:
+def build(
+    quick: bool, seed: int, device: str = "cpu", dtype: str = "fp32"
+) -> tuple[LoadedModel, int]:
     from diffusers import FluxTransformer2DModel
 
     from lycoris_core.tiny import flux_transformer_config
@@ -62,12 +65,14 @@ def build(quick: bool, seed: int) -> tuple[LoadedModel, int]:
     if not quick and params < common.MIN_PARAMS_DEFAULT:
         raise SystemExit(f"transformer has {params:,} parameters, expected >= 150M")
     pipe.transformer = transformer.requires_grad_(False)
+    torch_dtype = DTYPES[dtype]
+    pipe.to(device, torch_dtype)
     model = LoadedModel(
         pipe=pipe,
         family=FAMILIES["flux"],
         source="bench: tiny Flux components + random transformer",
-        device=torch.device("cpu"),
-        dtype=torch.float32,
+        device=torch.device(device),
+        dtype=torch_dtype,
     )
     return model, params
 
@@ -78,11 +83,21 @@ def timed(model: LoadedModel, adapters: list, mode: str, args: dict[str, Any]) -
     return time.perf_counter() - t0
 
 
-def run(quick: bool, out: Path, seed: int = 0) -> dict[str, Any]:
-    torch.set_num_threads(1)
-    model, params = build(quick, seed)
-    size = 32 if quick else 64  # 64x64 px -> 16x16 latents -> 64 image tokens
-    steps = 2 if quick else 3
+def run(
+    quick: bool,
+    out: Path,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    size: int | None = None,
+    steps: int | None = None,
+) -> dict[str, Any]:
+    if device == "cpu":
+        torch.set_num_threads(1)
+    model, params = build(quick, seed, device, dtype)
+    # CPU default 64x64 px -> 16x16 latents -> 64 image tokens
+    size = size or (32 if quick else 64)
+    steps = steps or (2 if quick else 3)
     rounds = 3 if quick else 4
     args = {
         "prompt": "a photo of a cat",
@@ -95,7 +110,14 @@ def run(quick: bool, out: Path, seed: int = 0) -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": "sampling",
         "machine": common.machine_info(params),
-        "settings": {"size": size, "steps": steps, "rounds": rounds, "quick": quick},
+        "settings": {
+            "size": size,
+            "steps": steps,
+            "rounds": rounds,
+            "quick": quick,
+            "device": device,
+            "dtype": dtype,
+        },
         "algorithms": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -181,8 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model, smoke run")
     parser.add_argument("--out", default=str(BENCH / "results" / "sampling.json"))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps")
     a = parser.parse_args(argv)
-    res = run(a.quick, Path(a.out))
+    res = run(a.quick, Path(a.out), 0, a.device, a.dtype, a.size, a.steps)
     print(report(res))
     print(f"wrote {a.out}")
     return 0

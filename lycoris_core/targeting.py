@@ -294,6 +294,11 @@ def create_network(module: nn.Module, config: LycorisConfig) -> Any:
             f"{', '.join(cov.targets) or 'none'}). Its attention/MLP classes: "
             f"{', '.join(model_class_names(module)) or '(none)'}."
         )
-    net.apply_to()
+    device = next((p.device for p in module.parameters()), None)
+    net.apply_to()  # registers the wrapper modules (net.parameters() is empty before)
+    # lycoris creates its parameters on the CPU; they train where the model runs (in fp32:
+    # mixed precision autocasts the compute and keeps these as the master weights).
+    if device is not None and device.type != "cpu":
+        net.to(device)
     logger.info("created LyCORIS network: %d layers (%s)", len(net.loras), config.algo)
     return net

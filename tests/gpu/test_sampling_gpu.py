@@ -84,13 +84,24 @@ def test_memory_is_released_after_sampling(flux):
     folder, adapter = flux
     model = load_model(folder, device="cuda", dtype="bf16")
     free_memory()
+    loaded = torch.cuda.memory_allocated()
+    # A first plain sample leaves the scheduler's timesteps and sigmas on the device (a few
+    # hundred bytes, replaced by every call): the level to come back to is taken after it.
+    sample(model, **ARGS)
+    free_memory()
     level = torch.cuda.memory_allocated()
-    for mode in ("merge", "dynamic"):
-        sample(model, [(adapter, 1.0)], mode=mode, **ARGS)
-        model.restore_base()
-        free_memory()
-        assert torch.cuda.memory_allocated() == level, mode
-    FIGURES["memory"] = {"allocated_after_load": level, "peak": torch.cuda.max_memory_allocated()}
+    assert level - loaded < 64 * 1024
+    for _ in range(2):
+        for mode in ("merge", "dynamic"):
+            sample(model, [(adapter, 1.0)], mode=mode, **ARGS)
+            model.restore_base()
+            free_memory()
+            assert torch.cuda.memory_allocated() == level, mode
+    FIGURES["memory"] = {
+        "allocated_after_load": loaded,
+        "after_first_sample": level,
+        "peak": torch.cuda.max_memory_allocated(),
+    }
 
 
 def teardown_module(module):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from reference import denoiser
 
 from lycoris_core import IncompatibleModelError, LycorisConfig, coverage, create_network
@@ -190,3 +191,19 @@ def test_config_that_wraps_zero_layers_is_an_error(flux):
 def test_alias_table_is_small_and_explained():
     assert set(CLASS_ALIASES) == {"Attention"}
     assert "FluxAttention" in CLASS_ALIASES["Attention"].reason
+
+
+@pytest.mark.parametrize("algo", ["lokr", "lora", "loha"])
+def test_network_is_created_on_the_models_device(algo):
+    # lycoris builds its parameters on the CPU; on a CUDA model training then failed with
+    # "found at least two devices" (seen on an H100). The meta device stands in for CUDA here.
+    model = denoiser("flux").to("meta")
+    cfg = LycorisConfig.from_dict({**SEED, "algo": algo, "linear_dim": 4})
+    net = create_network(model, cfg)
+    try:
+        devices = {p.device.type for p in net.parameters()}
+        dtypes = {p.dtype for p in net.parameters()}
+    finally:
+        net.restore()
+    assert devices == {"meta"}
+    assert dtypes == {torch.float32}
