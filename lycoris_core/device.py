@@ -8,7 +8,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -91,6 +91,24 @@ def enable_tf32(device: torch.device) -> bool:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     return True
+
+
+def training_attention(device: torch.device) -> Any:
+    """A context for training forwards on `device` that keeps attention off cuDNN.
+
+    On an H100 (torch 2.11, CUDA 13) cuDNN's scaled-dot-product attention gave NaN gradients
+    at the first step on a Flux transformer under bf16 autocast, and an illegal memory access
+    with bf16 weights; flash, memory-efficient and math attention trained the same steps
+    fine. Wrap the backward too: gradient checkpointing recomputes the forward there, and a
+    recompute on another backend fails torch's checkpoint metadata check (seen on the H100).
+    Elsewhere (CPU, MPS) this changes nothing.
+    """
+    if device.type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(backends)
 
 
 def place_pipeline(pipe: Any, device: torch.device, offload: str = "none") -> None:

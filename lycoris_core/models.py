@@ -316,13 +316,16 @@ def from_pipeline(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     family = detect_family(pipe)
-    for component in _components(pipe):  # built under inference_mode: make it trainable
-        as_normal_tensors(component)
-    if dt != pipe.dtype:
-        pipe.to(dtype=dt)
+    # ComfyUI runs nodes under inference_mode, where a cast or a move makes inference
+    # tensors, which cannot train: build, cast and place outside it, with normal tensors.
+    with torch.inference_mode(False):
+        for component in _components(pipe):
+            as_normal_tensors(component)
+        if dt != pipe.dtype:
+            pipe.to(dtype=dt)
+        place_pipeline(pipe, dev, offload)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    place_pipeline(pipe, dev, offload)
     enable_tf32(dev)
     return LoadedModel(
         pipe=pipe, family=family, source=source, device=dev, dtype=dt, offload=offload

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..config import LycorisConfig
+from ..device import training_attention
 from ..errors import LycorisError
 from ..families import require_trainable
 from ..models import LoadedModel, as_normal_tensors, load_model
@@ -466,12 +467,14 @@ def _loop(spec, run, net, noise_gen, start, on_step, should_stop, on_validation)
             position += 1
             rngs = [random.Random(f"{spec.seed}:{epoch}:{position}:{j}") for j in range(len(batch))]
             latents, cond = run.encode_batch(batch, rngs)
-            with autocast:
+            with autocast, training_attention(run.device):
                 loss = run.objective.loss(latents, cond, noise_gen)
             if not torch.isfinite(loss):
                 raise _aborted("loss", step + 1, loss.item(), last_good, ff_advice)
             scaled = loss / spec.grad_accum
-            (scaler.scale(scaled) if scaler else scaled).backward()
+            # gradient checkpointing recomputes the forward here: same attention backends
+            with training_attention(run.device):
+                (scaler.scale(scaled) if scaler else scaled).backward()
             step_loss += loss.item() / spec.grad_accum
         if scaler:
             scaler.unscale_(optimizer)

@@ -74,7 +74,8 @@ def test_memory_is_released_after_training(setup, tmp_path):
         )
     )
     free_memory()
-    assert torch.cuda.memory_allocated() == level
+    # lower is fine (a failed test's traceback released late); higher is a leak
+    assert torch.cuda.memory_allocated() <= level
 
 
 def teardown_module(module):

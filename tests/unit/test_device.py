@@ -12,6 +12,7 @@ from lycoris_core.device import (
     place_pipeline,
     resolve_device,
     resolve_dtype,
+    training_attention,
 )
 
 
@@ -55,3 +56,17 @@ def test_out_of_memory_is_rewritten_with_advice():
     assert "sampling 1x1024x1024" in msg and "2.00 GB" in msg and "0.25 GB" in msg
     assert "lower resolution" in msg and "offload 'model'" in msg
     assert isinstance(err.value.__cause__, torch.OutOfMemoryError)
+
+
+def test_training_attention_keeps_cuda_attention_off_cudnn():
+    # cuDNN attention gave NaN gradients on an H100 (see training_attention); the flags are
+    # process-wide switches, checkable without a GPU.
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with training_attention(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert torch.backends.cuda.math_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    with training_attention(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before

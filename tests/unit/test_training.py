@@ -303,3 +303,14 @@ def test_a_model_loaded_under_inference_mode_still_trains(tiny, tmp_path):
         assert not any(torch.is_inference(p) for p in model.denoiser.parameters())
         result = train(spec_for(model, data, tmp_path / "im.safetensors", steps=2))
     assert result.completed
+
+
+def test_a_cast_under_inference_mode_keeps_trainable_weights():
+    """A dtype cast (or a move to the GPU) inside inference_mode makes inference tensors."""
+    from lycoris_core.models import from_pipeline
+    from lycoris_core.tiny import build_pipeline
+
+    with torch.inference_mode():
+        model = from_pipeline(build_pipeline("flux"), "demo", dtype="bf16", device="cpu")
+    assert model.denoiser.dtype == torch.bfloat16
+    assert not any(torch.is_inference(p) for p in model.denoiser.parameters())
