@@ -228,10 +228,11 @@ class TrainLycoris(LycorisNode):
                     "FLOAT",
                     {
                         "default": 1e-4,
-                        "min": 1e-8,
+                        "min": 1e-7,
                         "max": 1.0,
-                        "step": 1e-5,
-                        "tooltip": "Peak learning rate.",
+                        # the frontend rounds a typed FLOAT to the decimals of its step
+                        "step": 1e-7,
+                        "tooltip": "Peak learning rate (e.g. 1e-4 for AdamW, 1.0 for Prodigy).",
                     },
                 ),
                 "batch_size": (
@@ -300,7 +301,15 @@ class TrainLycoris(LycorisNode):
                 ),
                 "seed": (
                     "INT",
-                    {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Training seed."},
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 2**31 - 1,
+                        # fixed: a run is reproducible and an unchanged graph reuses its file
+                        # (the frontend would add a 'randomize' control to any INT "seed")
+                        "control_after_generate": False,
+                        "tooltip": "Training seed (noise, timesteps, shuffling).",
+                    },
                 ),
                 "resume": (
                     "BOOLEAN",

@@ -4,11 +4,19 @@
 // the logic it uses lives in lycoris_chart.js (tested with Node).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { chartGeometry, emptyRun, reduceRun, statusLine, viewPath } from "./lycoris_chart.js";
+import {
+  chartGeometry,
+  emptyRun,
+  reduceRun,
+  savedWidgetValues,
+  statusLine,
+  viewPath,
+} from "./lycoris_chart.js";
 
 const NODE_CLASS = "LycorisTrain";
 const EVENT = "lycoris.train";
 const WIDGET_NAME = "lycoris_live";
+const TEXT_PREVIEW = "$$node-text-preview"; // the frontend's status-text widget
 const CHART_HEIGHT = 140;
 const CHART_PAD = { top: 8, right: 8, bottom: 16, left: 46 }; // left: room for y labels
 const COLORS = { raw: "rgba(255, 170, 60, 0.35)", smooth: "rgb(255, 130, 0)", text: "#999" };
@@ -194,6 +202,17 @@ app.registerExtension({
         getMinHeight: () => CHART_HEIGHT + 90,
       });
       if (widget) widget.serialize = false; // and out of the saved widgets_values
+      // ...without leaving a hole there, nor saving the status text (see savedWidgetValues)
+      const previous = node.onSerialize;
+      node.onSerialize = function (data) {
+        previous?.apply(this, arguments);
+        if (Array.isArray(data?.widgets_values)) {
+          data.widgets_values = savedWidgetValues(this.widgets, data.widgets_values, [
+            WIDGET_NAME,
+            TEXT_PREVIEW,
+          ]);
+        }
+      };
       views.set(node, view);
       render(view, emptyRun());
       // The node gets its id when it is added to a graph, after this hook: show the run

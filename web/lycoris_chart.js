@@ -201,3 +201,20 @@ export function chartGeometry(points, width, height, pad = 0, maxPoints = MAX_DR
   const scale = (series) => series.map(([x, y]) => [sx(x), sy(y)]);
   return { raw: scale(raw), smooth: scale(smooth), yMin, yMax };
 }
+
+/**
+ * The widget values to save for a node: one per widget the node's inputs made, in order.
+ * LiteGraph writes `widgets_values` by widget index and skips widgets whose `serialize` is
+ * false, so a saved widget after a skipped one leaves a hole (null); and the frontend's
+ * status-text widget ("$$node-text-preview") only sets `options.serialize`, so its text is
+ * saved too. Both shift the values when the workflow is loaded again.
+ */
+export function savedWidgetValues(widgets, values, skip = []) {
+  const out = [];
+  (widgets ?? []).forEach((widget, i) => {
+    if (!widget || widget.serialize === false || widget.options?.serialize === false) return;
+    if (skip.includes(widget.name)) return;
+    out.push(values?.[i] ?? null);
+  });
+  return out;
+}

@@ -13,6 +13,7 @@ import {
   formatEta,
   formatLoss,
   reduceRun,
+  savedWidgetValues,
   statusLine,
   viewPath,
 } from "../../web/lycoris_chart.js";
@@ -393,5 +394,33 @@ describe("chartGeometry", () => {
     assert.equal(g.raw[g.raw.length - 1][0], 390);
     for (const p of [...g.raw, ...g.smooth]) assert.ok(inBox(p, 400, 200, 10));
     assert.equal(chartGeometry(many, 400, 200, 10, 50).smooth.length, 50);
+  });
+});
+
+describe("savedWidgetValues", () => {
+  const steps = { name: "steps", value: 100 };
+  const seed = { name: "seed", value: 3 };
+  const live = { name: "lycoris_live", serialize: false };
+  const preview = { name: "$$node-text-preview", options: { serialize: false }, value: "step 5" };
+
+  test("drops the hole LiteGraph leaves at a skipped widget and the status text", () => {
+    // as LiteGraph wrote it: index 2 skipped (a hole), the preview's text saved at 3
+    const written = [100, 3, undefined, "step 5"];
+    assert.deepEqual(savedWidgetValues([steps, seed, live, preview], written), [100, 3]);
+  });
+
+  test("keeps every declared widget in order, nulls included", () => {
+    const text = { name: "prompt", value: null };
+    assert.deepEqual(savedWidgetValues([steps, text, seed], [100, null, 3]), [100, null, 3]);
+  });
+
+  test("skips named widgets even when they would serialize", () => {
+    const custom = { name: "$$node-text-preview", value: "x" };
+    const values = savedWidgetValues([steps, custom, seed], [100, "x", 3], [custom.name]);
+    assert.deepEqual(values, [100, 3]);
+  });
+
+  test("no widgets, no values", () => {
+    assert.deepEqual(savedWidgetValues(undefined, [1, 2]), []);
   });
 });
