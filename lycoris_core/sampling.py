@@ -38,7 +38,8 @@ class StepInfo:
     total: int
     elapsed: float  # seconds since the first step started
     eta: float  # seconds left, estimated
-    latents: torch.Tensor | None = None  # the current latents (for previews), if available
+    # the current latents [B, C, h, w] (Flux's unpacked), scaled as the denoiser sees them
+    latents: torch.Tensor | None = None
 
     @property
     def it_per_s(self) -> float:
@@ -179,7 +180,10 @@ def _run(
         elapsed = time.perf_counter() - start
         if on_step is not None:
             eta = elapsed / done * (total - done)
-            on_step(StepInfo(done, total, elapsed, eta, kwargs.get("latents")))
+            latents = kwargs.get("latents")
+            if latents is not None and fam.packed_latents:
+                latents = pipe._unpack_latents(latents, height, width, model.vae_scale_factor)
+            on_step(StepInfo(done, total, elapsed, eta, latents))
         if should_stop is not None and done < total and should_stop():
             raise SamplingCancelled(f"sampling cancelled after step {done} of {total}")
         return {}

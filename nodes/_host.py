@@ -122,8 +122,32 @@ class Progress:
             self.bar = comfy.utils.ProgressBar(total)
 
     def update(self, step: int, total: int, preview: Any = None) -> None:
+        """`preview`: ComfyUI's ``("JPEG", PIL image, max_size)`` tuple, or None."""
         if self.bar is not None:  # pragma: no cover
             self.bar.update_absolute(step, total, preview)
+        elif not IN_COMFY:
+            EVENTS.append(
+                (
+                    "progress",
+                    {"node": self.node_id, "step": step, "total": total, "preview": preview},
+                )
+            )
+
+
+# Outside ComfyUI: the largest side of step previews, or None for no previews (tests set it).
+PLAIN_PREVIEW_SIZE: int | None = None
+
+
+def preview_size() -> int | None:
+    """The largest side of step previews, or None when previews are off: ComfyUI's
+    ``--preview-method`` (default none) and ``--preview-size`` decide, as for its samplers."""
+    if not IN_COMFY:
+        return PLAIN_PREVIEW_SIZE
+    from comfy.cli_args import LatentPreviewMethod, args  # pragma: no cover
+
+    if args.preview_method == LatentPreviewMethod.NoPreviews:  # pragma: no cover
+        return None
+    return int(args.preview_size)  # pragma: no cover
 
 
 def interrupted() -> bool:

@@ -10,7 +10,8 @@ import torch
 from ..lycoris_core.device import DTYPES, OFFLOAD_MODES
 from ..lycoris_core.models import from_pipeline, load_model, save_merged
 from ..lycoris_core.patching import MODES
-from ..lycoris_core.sampling import sample
+from ..lycoris_core.previews import step_preview
+from ..lycoris_core.sampling import StepInfo, sample
 from ..lycoris_core.tiny import FAMILIES as TINY_FAMILIES
 from ..lycoris_core.tiny import build_pipeline
 from . import _host
@@ -165,7 +166,8 @@ class SampleLycoris(LycorisNode):
     DESCRIPTION = (
         "Sample images with the model and its LyCORIS stack. Returns ComfyUI IMAGEs (connect to "
         "Save Image, Preview Image, upscalers). Image i of a batch uses seed + i. Cancel works "
-        "between steps."
+        "between steps. With ComfyUI's --preview-method set, each step shows a preview (a "
+        "latent-to-RGB map fitted to the model's VAE)."
     )
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("images",)
@@ -254,6 +256,12 @@ class SampleLycoris(LycorisNode):
         unique_id: str | None = None,
     ) -> tuple[Any]:
         bar = _host.Progress(steps, unique_id)
+        size = _host.preview_size()
+
+        def on_step(info: StepInfo) -> None:
+            image = step_preview(model.model, info.latents) if size else None
+            bar.update(info.step, info.total, ("JPEG", image, size) if image else None)
+
         images = sample(
             model.model,
             list(model.adapters),
@@ -266,7 +274,7 @@ class SampleLycoris(LycorisNode):
             guidance=guidance,
             seed=seed,
             batch_size=batch_size,
-            on_step=lambda info: bar.update(info.step, info.total),
+            on_step=on_step,
             should_stop=_host.interrupted,
         )
         return (images,)

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from e2e_support import E2E_DIR, ROOT, ComfyServer, env_problem
+from e2e_support import E2E_DIR, ROOT, TRAIN_APPLY_SAMPLE_SETS, ComfyServer, env_problem
 
 _SERVERS: list[ComfyServer] = []
 
@@ -77,16 +77,6 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if report.failed and _SERVERS and _is_e2e(item):
         report.sections.append(("ComfyUI server log (tail)", _SERVERS[-1].log_tail(80)))
-
-
-# train_apply_sample, kept short on CPU: 10 training steps (checkpoint and validation images
-# at 5 and 10) and 2 sampling steps.
-TRAIN_APPLY_SAMPLE_SETS = {
-    "4.steps": 10,
-    "4.save_every": 5,
-    "4.validation_every": 5,
-    "6.steps": 2,
-}
 
 
 @pytest.fixture(scope="session")

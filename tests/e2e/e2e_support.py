@@ -40,6 +40,15 @@ MODEL_KINDS = (
     "embeddings",
 )
 
+# train_apply_sample, kept short on CPU: 10 training steps (checkpoint and validation images
+# at 5 and 10) and 2 sampling steps.
+TRAIN_APPLY_SAMPLE_SETS = {
+    "4.steps": 10,
+    "4.save_every": 5,
+    "4.validation_every": 5,
+    "6.steps": 2,
+}
+
 
 def env_problem() -> str | None:
     """Why the e2e tests cannot run here, or None."""
@@ -145,6 +154,9 @@ class ComfyServer:
             "--port",
             str(self.port),
             "--disable-api-nodes",
+            # step previews on, as users set it: the Sample node then sends preview images
+            "--preview-method",
+            "latent2rgb",
             # The base directory keeps COMFYUI_PATH's own models/ and custom_nodes/ (which may
             # hold another copy of this pack) out of the search lists.
             "--base-directory",

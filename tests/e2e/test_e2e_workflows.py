@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from e2e_support import ROOT
+from e2e_support import ROOT, TRAIN_APPLY_SAMPLE_SETS
 from PIL import Image
 
 from lycoris_core import load_adapter
@@ -63,6 +63,12 @@ def test_train_apply_sample(comfy, demo_run):
     for record in samples:
         with Image.open(record["path"]) as image:
             assert image.size == (32, 32)
+
+    # the Sample node's step previews (server started with --preview-method latent2rgb):
+    # binary frames of type 1 (an encoded image), one per sampling step
+    previews = [d for e, d in demo_run.events if e == "preview"]
+    assert len(previews) >= TRAIN_APPLY_SAMPLE_SETS["6.steps"], previews
+    assert all(d["kind"] == 1 and d["bytes"] > 100 for d in previews), previews
 
     # live events: every step, validation images at 5 and 10, then done
     events = _train_events(demo_run.events)

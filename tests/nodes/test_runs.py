@@ -205,3 +205,25 @@ def test_cheap_checks_fail_before_anything_loads(nodes, host_root):
         lycoris_name="missing.safetensors"
     )
     assert "plain name" in nodes["LycorisSaveMergedModel"].VALIDATE_INPUTS(folder_name="../../x")
+
+
+def test_sample_node_sends_step_previews_when_enabled(pack, nodes, flux):
+    host = pack.nodes._host
+    host.EVENTS.clear()
+    args = {**SAMPLE, "unique_id": "12"}
+    off = run(nodes, "LycorisSample", model=flux, **args)[0]
+    progress = [d for e, d in host.EVENTS if e == "progress"]
+    assert [d["step"] for d in progress] == list(range(1, SAMPLE["steps"] + 1))
+    assert all(d["preview"] is None and d["node"] == "12" for d in progress)  # the default
+    host.EVENTS.clear()
+    host.PLAIN_PREVIEW_SIZE = 256  # as ComfyUI's --preview-method latent2rgb --preview-size 256
+    try:
+        on = run(nodes, "LycorisSample", model=flux, **args)[0]
+    finally:
+        host.PLAIN_PREVIEW_SIZE = None
+    previews = [d["preview"] for e, d in host.EVENTS if e == "progress"]
+    assert len(previews) == SAMPLE["steps"]
+    assert all(p[0] == "JPEG" and p[2] == 256 and p[1].mode == "RGB" for p in previews)
+    f = flux.model.vae_scale_factor
+    assert previews[-1][1].size == (SAMPLE["width"] // f, SAMPLE["height"] // f)
+    assert torch.equal(on, off)  # previews do not touch the images

@@ -1,0 +1,83 @@
+"""Step previews: the latent-to-RGB map fitted to a VAE, and previews while sampling."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lycoris_core.models import load_model
+from lycoris_core.previews import fit_rgb_factors, latents_to_image, step_preview
+from lycoris_core.tiny import make_tiny
+
+
+class LinearVAE(torch.nn.Module):
+    """A VAE whose latents are a known affine map of the RGB of each 8x8 cell."""
+
+    def __init__(self, channels: int, scaling: float, shift: float | None):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.mix = torch.nn.Parameter(torch.randn(channels, 3, generator=g))
+        self.offset = torch.nn.Parameter(torch.randn(channels, generator=g))
+        self.config = SimpleNamespace(scaling_factor=scaling, shift_factor=shift)
+
+    def encode(self, pixels: torch.Tensor):
+        rgb = F.avg_pool2d((pixels + 1) / 2, 8)  # 0..1 per latent cell
+        mean = torch.einsum("cr,nrhw->nchw", self.mix, rgb) + self.offset[:, None, None]
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=mean))
+
+
+@pytest.mark.parametrize(
+    ("channels", "scaling", "shift"), [(4, 0.18215, None), (16, 0.3611, 0.1159)]
+)
+def test_fit_inverts_a_linear_vae(channels, scaling, shift):
+    vae = LinearVAE(channels, scaling, shift)
+    factors = fit_rgb_factors(vae)
+    assert factors.shape == (channels + 1, 3)
+    # a new image, as the denoiser sees its latents (shifted, scaled) -> its cell colours
+    g = torch.Generator().manual_seed(7)
+    pixels = F.interpolate(torch.rand(1, 3, 2, 2, generator=g) * 2 - 1, size=(32, 32))
+    with torch.no_grad():
+        latents = (vae.encode(pixels).latent_dist.mean - (shift or 0.0)) * scaling
+    image = torch.tensor(list(latents_to_image(latents, factors).getdata())).float() / 255
+    expected = F.avg_pool2d((pixels + 1) / 2, 8)[0].permute(1, 2, 0).reshape(-1, 3)
+    assert (image - expected).abs().max() < 2 / 255
+
+
+def test_channel_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match="16-channel preview map"):
+        latents_to_image(torch.zeros(1, 4, 8, 8), torch.zeros(17, 3))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("previews")
+    return {f: load_model(make_tiny(f, root / f)) for f in ("sd15", "flux")}
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_previews_while_sampling(models, family):
+    from lycoris_core.sampling import sample
+
+    model = models[family]
+    previews, totals = [], []
+    sample(
+        model,
+        prompt="a cat",
+        steps=3,
+        seed=1,
+        width=64,
+        height=48,
+        on_step=lambda info: (
+            previews.append(step_preview(model, info.latents)),
+            totals.append(info.total),
+        ),
+    )
+    assert len(previews) == totals[-1] >= 3  # PNDM (SD 1.5) runs one step more
+    # one pixel per latent cell (Flux's packed latents come unpacked)
+    f = model.vae_scale_factor
+    assert all(p.size == (64 // f, 48 // f) and p.mode == "RGB" for p in previews)
+    first, last = (torch.tensor(list(p.getdata())).float() for p in (previews[0], previews[-1]))
+    assert (first - last).abs().max() > 0  # the preview follows the steps
