@@ -40,12 +40,18 @@ def _colour_fields(count: int, size: int, seed: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fit_rgb_factors(vae: Any, images: int = FIT_IMAGES, size: int = FIT_SIZE) -> torch.Tensor:
+def fit_rgb_factors(
+    vae: Any,
+    device: torch.device | str | None = None,
+    images: int = FIT_IMAGES,
+    size: int = FIT_SIZE,
+) -> torch.Tensor:
     """The ``[C + 1, 3]`` map (last row: bias) from scaled latents to RGB in 0..1, fitted to
-    `vae` (a diffusers AutoencoderKL) on colour fields; float32 on the CPU."""
+    `vae` (a diffusers AutoencoderKL) on colour fields encoded on `device` (default: where
+    its first weight is; with offload, the model's execution device); float32 on the CPU."""
     param = next(vae.parameters())
     pixels = _colour_fields(images, size)
-    dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
+    dist = vae.encode(pixels.to(device or param.device, param.dtype)).latent_dist
     cfg = vae.config
     shift = float(getattr(cfg, "shift_factor", None) or 0.0)
     latents = (dist.mean.float().cpu() - shift) * float(cfg.scaling_factor)
@@ -66,7 +72,7 @@ def rgb_factors(model: LoadedModel) -> torch.Tensor:
         factors = _FACTORS.get(vae)
         if factors is None:
             with torch.inference_mode():
-                factors = fit_rgb_factors(vae)
+                factors = fit_rgb_factors(vae, model.device)
             _FACTORS[vae] = factors
     return factors
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -16,6 +17,8 @@ from ..lycoris_core.tiny import FAMILIES as TINY_FAMILIES
 from ..lycoris_core.tiny import build_pipeline
 from . import _host
 from .handles import ADAPTER, MODEL, LycorisNode, ModelHandle
+
+logger = logging.getLogger(__name__)
 
 DEMO_PREFIX = "demo: tiny-"
 FILE_PREFIX = "file: "
@@ -259,7 +262,14 @@ class SampleLycoris(LycorisNode):
         size = _host.preview_size()
 
         def on_step(info: StepInfo) -> None:
-            image = step_preview(model.model, info.latents) if size else None
+            nonlocal size
+            image = None
+            if size:
+                try:
+                    image = step_preview(model.model, info.latents)
+                except Exception as exc:  # a preview never stops the sampling
+                    logger.warning("step previews off for this run: %s", exc)
+                    size = None
             bar.update(info.step, info.total, ("JPEG", image, size) if image else None)
 
         images = sample(

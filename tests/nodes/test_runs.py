@@ -227,3 +227,19 @@ def test_sample_node_sends_step_previews_when_enabled(pack, nodes, flux):
     f = flux.model.vae_scale_factor
     assert previews[-1][1].size == (SAMPLE["width"] // f, SAMPLE["height"] // f)
     assert torch.equal(on, off)  # previews do not touch the images
+
+
+def test_a_failing_preview_never_stops_sampling(pack, nodes, flux, monkeypatch, caplog):
+    host = pack.nodes._host
+
+    def broken(model, latents):
+        raise RuntimeError("this VAE cannot encode")
+
+    monkeypatch.setattr(pack.nodes.model_nodes, "step_preview", broken)
+    monkeypatch.setattr(host, "PLAIN_PREVIEW_SIZE", 256)
+    host.EVENTS.clear()
+    images = run(nodes, "LycorisSample", model=flux, **SAMPLE)[0]
+    assert images.shape == (2, 32, 32, 3)
+    progress = [d for e, d in host.EVENTS if e == "progress"]
+    assert len(progress) == SAMPLE["steps"] and all(d["preview"] is None for d in progress)
+    assert "step previews off for this run: this VAE cannot encode" in caplog.text
