@@ -54,7 +54,7 @@ def test_channel_mismatch_is_a_clear_error():
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("previews")
-    return {f: load_model(make_tiny(f, root / f)) for f in ("sd15", "flux")}
+    return {f: load_model(make_tiny(f, root / f), device="cpu") for f in ("sd15", "flux")}
 
 
 @pytest.mark.parametrize("family", ["sd15", "flux"])

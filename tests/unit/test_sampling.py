@@ -34,7 +34,7 @@ def _adapter(model: LoadedModel, case: Case, path, seed: int):
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     folders = {f: make_tiny(f, root / f) for f in FAMILIES}
-    models = {f: load_model(folders[f]) for f in FAMILIES}
+    models = {f: load_model(folders[f], device="cpu") for f in FAMILIES}
     adapters = {
         f: {
             "lora": _adapter(models[f], LORA, root / f"{f}-lora.safetensors", 1),
@@ -89,7 +89,7 @@ def test_alternating_strengths_never_drift(tiny):
         mode = ("merge", "dynamic")[i % 3 == 0]
         sample(model, stack, mode=mode, **{**ARGS, "steps": 1})
     model.restore_base()
-    fresh = load_model(folders["sd15"])
+    fresh = load_model(folders["sd15"], device="cpu")
     assert same_state(model.denoiser, state(fresh.denoiser))
     assert torch.equal(sample(model, **ARGS), sample(fresh, **ARGS))
 
@@ -134,7 +134,7 @@ def test_save_merged_pipeline(tiny, tmp_path):
     expected = sample(model, stack, mode="dynamic", **ARGS)
     out = save_merged(model, stack, tmp_path / "merged")
     assert model.active_patch is None and same_state(model.denoiser, before)
-    baked = load_model(out)
+    baked = load_model(out, device="cpu")
     assert (sample(baked, **ARGS) - expected).abs().max() < 1e-4
     with pytest.raises(LycorisError, match="not empty"):
         save_merged(model, stack, out)
@@ -146,30 +146,30 @@ def test_single_file_denoiser_with_config_folder(tiny, tmp_path):
     src = models["flux"]
     path = tmp_path / "flux_transformer.safetensors"
     save_file({k: v.contiguous() for k, v in src.denoiser.state_dict().items()}, str(path))
-    loaded = load_model(path, config_dir=folders["flux"])
+    loaded = load_model(path, config_dir=folders["flux"], device="cpu")
     assert loaded.family.name == "flux"
     assert same_state(loaded.denoiser, state(src.denoiser))
     with pytest.raises(ModelLoadError, match="config"):
-        load_model(path)
+        load_model(path, device="cpu")
     with pytest.raises(ModelLoadError, match="another model family"):
-        load_model(path, config_dir=folders["sd3"])
+        load_model(path, config_dir=folders["sd3"], device="cpu")
 
 
 def test_bad_inputs_are_typed_errors(tiny, tmp_path):
     folders, models, adapters = tiny
     with pytest.raises(ModelLoadError, match=r"no model_index\.json"):
-        load_model(tmp_path)
+        load_model(tmp_path, device="cpu")
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "model_index.json").write_text(json.dumps({"_class_name": "NoSuchPipeline"}))
     with pytest.raises(ModelLoadError, match=r"'NoSuchPipeline'.*not provided by diffusers"):
-        load_model(bad)
+        load_model(bad, device="cpu")
     with pytest.raises(ModelLoadError, match="not the requested family 'sdxl'"):
-        load_model(folders["sd15"], family="sdxl")
+        load_model(folders["sd15"], family="sdxl", device="cpu")
     ckpt = tmp_path / "model.ckpt"
     torch.save({"a": torch.zeros(1)}, ckpt)
     with pytest.raises(ModelLoadError, match="pickle"):
-        load_model(ckpt, config_dir=folders["sd15"])
+        load_model(ckpt, config_dir=folders["sd15"], device="cpu")
     model = models["flux"]
     with pytest.raises(LycorisError, match="width 30 is not a multiple of 4"):
         sample(model, **ARGS, width=30, height=32)

@@ -45,7 +45,7 @@ def config(name: str) -> LycorisConfig:
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     data = make_demo_dataset(root / "data", count=4, size=32)
-    models = {f: load_model(make_tiny(f, root / f)) for f in FAMILIES}
+    models = {f: load_model(make_tiny(f, root / f), device="cpu") for f in FAMILIES}
     return root, data, models
 
 
@@ -299,7 +299,7 @@ def test_a_model_loaded_under_inference_mode_still_trains(tiny, tmp_path):
     """ComfyUI runs the loader node inside torch.inference_mode(): its weights must train."""
     root, data, _ = tiny
     with torch.inference_mode():
-        model = load_model(root / "sd15")
+        model = load_model(root / "sd15", device="cpu")
         assert not any(torch.is_inference(p) for p in model.denoiser.parameters())
         result = train(spec_for(model, data, tmp_path / "im.safetensors", steps=2))
     assert result.completed
