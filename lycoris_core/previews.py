@@ -7,8 +7,9 @@ averaged over each latent cell. It works for every family and for any fine-tune 
 (the tiny random demo models included), with no tables to keep, and costs one small VAE
 encode (12 images of 64x64 px) the first time a model is previewed.
 
-A preview shows the latents ``sample()`` hands to ``on_step`` (the current noisy latents);
-the picture appears out of the noise as the steps go.
+A preview shows the model's clean estimate where the scheduler lets ``sample()`` read it
+back (flow-matching Euler: SD3, Flux, from the second step), as ComfyUI's samplers do, and the
+current noisy latents otherwise (SD 1.5/SDXL schedulers, the first step).
 """
 
 from __future__ import annotations

@@ -40,6 +40,9 @@ class StepInfo:
     eta: float  # seconds left, estimated
     # the current latents [B, C, h, w] (Flux's unpacked), scaled as the denoiser sees them
     latents: torch.Tensor | None = None
+    # the model's estimate of the final latents at this step, where the scheduler allows
+    # reading it back (flow-matching Euler: SD3, Flux; from step 2 on), same layout
+    denoised: torch.Tensor | None = None
 
     @property
     def it_per_s(self) -> float:
@@ -152,6 +155,30 @@ def sample(
         )
 
 
+def flow_denoised(
+    scheduler: Any, i: int, before: torch.Tensor, after: torch.Tensor
+) -> torch.Tensor | None:
+    """The model's estimate of the clean latents at step `i` (0-based), read back from the
+    latents before and after a flow-matching Euler step, or None for other schedulers.
+
+    Euler moves ``x[i+1] = x[i] + (s[i+1] - s[i]) * v`` with the predicted velocity ``v``, and
+    the model's clean estimate is ``x[i] - s[i] * v`` (what ComfyUI's samplers preview).
+    """
+    sigmas = getattr(scheduler, "sigmas", None)
+    if (
+        type(scheduler).__name__ != "FlowMatchEulerDiscreteScheduler"
+        or getattr(scheduler.config, "stochastic_sampling", False)
+        or sigmas is None
+        or i + 1 >= len(sigmas)
+    ):
+        return None
+    s0, s1 = float(sigmas[i]), float(sigmas[i + 1])
+    if s0 == s1:
+        return None
+    v = (after.float() - before.float()) / (s1 - s0)
+    return (before.float() - s0 * v).to(after.dtype)
+
+
 def _run(
     model: LoadedModel,
     prompt: str,
@@ -172,6 +199,7 @@ def _run(
         torch.Generator(device=gen_device).manual_seed(seed + i) for i in range(batch_size)
     ]
     start = time.perf_counter()
+    previous: list[torch.Tensor] = []  # the latents after the previous step
 
     def callback(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         done = i + 1
@@ -183,7 +211,12 @@ def _run(
             latents = kwargs.get("latents")
             if latents is not None and fam.packed_latents:
                 latents = pipe._unpack_latents(latents, height, width, model.vae_scale_factor)
-            on_step(StepInfo(done, total, elapsed, eta, latents))
+            denoised = None
+            if latents is not None:
+                if previous:
+                    denoised = flow_denoised(pipe.scheduler, i, previous[0], latents)
+                previous[:] = [latents]
+            on_step(StepInfo(done, total, elapsed, eta, latents, denoised))
         if should_stop is not None and done < total and should_stop():
             raise SamplingCancelled(f"sampling cancelled after step {done} of {total}")
         return {}

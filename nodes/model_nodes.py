@@ -266,7 +266,8 @@ class SampleLycoris(LycorisNode):
             image = None
             if size:
                 try:
-                    image = step_preview(model.model, info.latents)
+                    latents = info.denoised if info.denoised is not None else info.latents
+                    image = step_preview(model.model, latents)
                 except Exception as exc:  # a preview never stops the sampling
                     logger.warning("step previews off for this run: %s", exc)
                     size = None

@@ -81,3 +81,39 @@ def test_previews_while_sampling(models, family):
     assert all(p.size == (64 // f, 48 // f) and p.mode == "RGB" for p in previews)
     first, last = (torch.tensor(list(p.getdata())).float() for p in (previews[0], previews[-1]))
     assert (first - last).abs().max() > 0  # the preview follows the steps
+
+
+def test_flow_denoised_reads_back_the_models_clean_estimate():
+    from diffusers import FlowMatchEulerDiscreteScheduler, PNDMScheduler
+
+    from lycoris_core.sampling import flow_denoised
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 4, 4, generator=g)
+    for i, t in enumerate(sched.timesteps):
+        v = torch.randn(x.shape, generator=g)  # a velocity, as the transformer predicts
+        after = sched.step(v, t, x).prev_sample
+        expected = x - sched.sigmas[i] * v  # the clean estimate of step i
+        assert (flow_denoised(sched, i, x, after) - expected).abs().max() < 1e-5
+        x = after
+    pndm = PNDMScheduler()
+    pndm.set_timesteps(5)
+    assert flow_denoised(pndm, 0, x, x + 1) is None
+
+
+def test_step_info_carries_the_estimate_on_flow_models(models):
+    from lycoris_core.sampling import sample
+
+    args = {"prompt": "a cat", "steps": 3, "seed": 1, "width": 32, "height": 32}
+    infos = []
+    final = sample(models["flux"], output="latent", on_step=infos.append, **args)
+    assert infos[0].denoised is None  # no previous latents to read back from
+    assert all(i.denoised is not None for i in infos[1:])
+    assert infos[1].denoised.shape == infos[1].latents.shape
+    assert (infos[1].denoised - infos[1].latents).abs().max() > 1e-3
+    assert (infos[-1].denoised.float() - final).abs().max() < 1e-4  # the last sigma is 0
+    infos.clear()
+    sample(models["sd15"], on_step=infos.append, **args)
+    assert all(i.denoised is None for i in infos)  # PNDM: nothing to read back
