@@ -8,8 +8,8 @@ averaged over each latent cell. It works for every family and for any fine-tune 
 encode (12 images of 64x64 px) the first time a model is previewed.
 
 A preview shows the model's clean estimate where the scheduler lets ``sample()`` read it
-back (flow-matching Euler: SD3, Flux, from the second step), as ComfyUI's samplers do, and the
-current noisy latents otherwise (SD 1.5/SDXL schedulers, the first step).
+back (Euler schedulers: SD3, Flux, SDXL's default; from the second step), as ComfyUI's
+samplers do, and the current noisy latents otherwise (SD 1.5's PNDM, the first step).
 """
 
 from __future__ import annotations

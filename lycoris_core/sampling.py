@@ -41,7 +41,7 @@ class StepInfo:
     # the current latents [B, C, h, w] (Flux's unpacked), scaled as the denoiser sees them
     latents: torch.Tensor | None = None
     # the model's estimate of the final latents at this step, where the scheduler allows
-    # reading it back (flow-matching Euler: SD3, Flux; from step 2 on), same layout
+    # reading it back (Euler schedulers: SD3, Flux, SDXL's default; from step 2 on)
     denoised: torch.Tensor | None = None
 
     @property
@@ -155,18 +155,22 @@ def sample(
         )
 
 
+EULER_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "EulerDiscreteScheduler")
+
+
 def flow_denoised(
     scheduler: Any, i: int, before: torch.Tensor, after: torch.Tensor
 ) -> torch.Tensor | None:
     """The model's estimate of the clean latents at step `i` (0-based), read back from the
-    latents before and after a flow-matching Euler step, or None for other schedulers.
+    latents before and after an Euler step, or None for other schedulers.
 
-    Euler moves ``x[i+1] = x[i] + (s[i+1] - s[i]) * v`` with the predicted velocity ``v``, and
-    the model's clean estimate is ``x[i] - s[i] * v`` (what ComfyUI's samplers preview).
+    Euler (flow matching in SD3/Flux, or diffusers' EulerDiscreteScheduler, SDXL's default)
+    moves ``x[i+1] = x[i] + (s[i+1] - s[i]) * d`` along the predicted direction ``d``, and the
+    model's clean estimate is ``x[i] - s[i] * d`` (what ComfyUI's samplers preview).
     """
     sigmas = getattr(scheduler, "sigmas", None)
     if (
-        type(scheduler).__name__ != "FlowMatchEulerDiscreteScheduler"
+        type(scheduler).__name__ not in EULER_SCHEDULERS
         or getattr(scheduler.config, "stochastic_sampling", False)
         or sigmas is None
         or i + 1 >= len(sigmas)

@@ -54,7 +54,7 @@ def test_channel_mismatch_is_a_clear_error():
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("previews")
-    return {f: load_model(make_tiny(f, root / f), device="cpu") for f in ("sd15", "flux")}
+    return {f: load_model(make_tiny(f, root / f), device="cpu") for f in ("sd15", "sdxl", "flux")}
 
 
 @pytest.mark.parametrize("family", ["sd15", "flux"])
@@ -103,6 +103,23 @@ def test_flow_denoised_reads_back_the_models_clean_estimate():
     assert flow_denoised(pndm, 0, x, x + 1) is None
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_euler_denoised_is_the_schedulers_own_clean_estimate(prediction):
+    from diffusers import EulerDiscreteScheduler
+
+    from lycoris_core.sampling import flow_denoised
+
+    sched = EulerDiscreteScheduler(prediction_type=prediction, timestep_spacing="trailing")
+    sched.set_timesteps(6)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 4, 4, generator=g) * sched.init_noise_sigma
+    for i, t in enumerate(sched.timesteps):
+        out = sched.step(torch.randn(x.shape, generator=g), t, x)
+        estimate = flow_denoised(sched, i, x, out.prev_sample)
+        assert (estimate - out.pred_original_sample).abs().max() < 1e-4 * (1 + x.abs().max())
+        x = out.prev_sample
+
+
 def test_step_info_carries_the_estimate_on_flow_models(models):
     from lycoris_core.sampling import sample
 
@@ -117,3 +134,7 @@ def test_step_info_carries_the_estimate_on_flow_models(models):
     infos.clear()
     sample(models["sd15"], on_step=infos.append, **args)
     assert all(i.denoised is None for i in infos)  # PNDM: nothing to read back
+    infos.clear()
+    final = sample(models["sdxl"], output="latent", on_step=infos.append, **args)
+    assert all(i.denoised is not None for i in infos[1:])  # Euler, SDXL's default
+    assert (infos[-1].denoised.float() - final).abs().max() < 1e-4
