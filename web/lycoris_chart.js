@@ -207,12 +207,14 @@ export function chartGeometry(points, width, height, pad = 0, maxPoints = MAX_DR
  * LiteGraph writes `widgets_values` by widget index and skips widgets whose `serialize` is
  * false, so a saved widget after a skipped one leaves a hole (null); and the frontend's
  * status-text widget ("$$node-text-preview") only sets `options.serialize`, so its text is
- * saved too. Both shift the values when the workflow is loaded again.
+ * saved too (name it in `skip`). Both shift the values when the workflow is loaded again.
  */
 export function savedWidgetValues(widgets, values, skip = []) {
   const out = [];
   (widgets ?? []).forEach((widget, i) => {
-    if (!widget || widget.serialize === false || widget.options?.serialize === false) return;
+    // as LiteGraph: `serialize === false` stays out; `options.serialize` only keeps a widget
+    // out of the prompt (a seed's "control after generate" is saved), so name the others
+    if (!widget || widget.serialize === false) return;
     if (skip.includes(widget.name)) return;
     out.push(values?.[i] ?? null);
   });

@@ -406,7 +406,14 @@ describe("savedWidgetValues", () => {
   test("drops the hole LiteGraph leaves at a skipped widget and the status text", () => {
     // as LiteGraph wrote it: index 2 skipped (a hole), the preview's text saved at 3
     const written = [100, 3, undefined, "step 5"];
-    assert.deepEqual(savedWidgetValues([steps, seed, live, preview], written), [100, 3]);
+    const skip = ["lycoris_live", "$$node-text-preview"];
+    assert.deepEqual(savedWidgetValues([steps, seed, live, preview], written, skip), [100, 3]);
+  });
+
+  test("keeps widgets kept out of the prompt only (a seed's control after generate)", () => {
+    const control = { name: "control_after_generate", options: { serialize: false } };
+    const values = savedWidgetValues([seed, control, live], [3, "fixed"], ["lycoris_live"]);
+    assert.deepEqual(values, [3, "fixed"]);
   });
 
   test("keeps every declared widget in order, nulls included", () => {
