@@ -109,7 +109,7 @@ def run(
     }
     result: dict[str, Any] = {
         "benchmark": "sampling",
-        "machine": common.machine_info(params),
+        "machine": {**common.machine_info(params), "dtype": str(DTYPES[dtype]).split(".")[-1]},
         "settings": {
             "size": size,
             "steps": steps,
