@@ -13,7 +13,8 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -40,13 +41,22 @@ class StepInfo:
     eta: float  # seconds left, estimated
     # the current latents [B, C, h, w] (Flux's unpacked), scaled as the denoiser sees them
     latents: torch.Tensor | None = None
-    # the model's estimate of the final latents at this step, where the scheduler allows
-    # reading it back (Euler schedulers: SD3, Flux, SDXL's default; from step 2 on)
-    denoised: torch.Tensor | None = None
+    # what `denoised` is read back from: the latents before this step, and the scheduler
+    previous: torch.Tensor | None = field(default=None, repr=False)
+    scheduler: Any = field(default=None, repr=False)
 
     @property
     def it_per_s(self) -> float:
         return self.step / self.elapsed if self.elapsed > 0 else 0.0
+
+    @cached_property
+    def denoised(self) -> torch.Tensor | None:
+        """The model's estimate of the final latents at this step, where the scheduler allows
+        reading it back (Euler schedulers: SD3, Flux, SDXL's default; from step 2 on);
+        computed when asked for."""
+        if self.latents is None or self.previous is None or self.scheduler is None:
+            return None
+        return flow_denoised(self.scheduler, self.step - 1, self.previous, self.latents)
 
 
 def _check_int(name: str, value: Any, lo: int) -> int:
@@ -215,12 +225,9 @@ def _run(
             latents = kwargs.get("latents")
             if latents is not None and fam.packed_latents:
                 latents = pipe._unpack_latents(latents, height, width, model.vae_scale_factor)
-            denoised = None
-            if latents is not None:
-                if previous:
-                    denoised = flow_denoised(pipe.scheduler, i, previous[0], latents)
-                previous[:] = [latents]
-            on_step(StepInfo(done, total, elapsed, eta, latents, denoised))
+            before = previous[0] if previous else None
+            previous[:] = [] if latents is None else [latents]
+            on_step(StepInfo(done, total, elapsed, eta, latents, before, pipe.scheduler))
         if should_stop is not None and done < total and should_stop():
             raise SamplingCancelled(f"sampling cancelled after step {done} of {total}")
         return {}
