@@ -198,7 +198,58 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def finish(res: dict[str, Any], out_arg: str, t_start: float, report: Callable) -> int:
+    """Close a benchmark run: end load and total time, print the report, write the JSON."""
+    if hasattr(os, "getloadavg"):
+        res["machine"]["load_avg_at_end"] = list(os.getloadavg())
+    res["total_seconds"] = now() - t_start
+    print(report(res))
+    out = Path(out_arg)
+    if not out.is_absolute():
+        out = Path.cwd() / out
+    write_json_atomic(out, res)
+    print(f"\nwrote {out} ({res['total_seconds']:.0f} s)")
+    return 0
+
+
 # --------------------------------------------------------------------------- model
+
+
+def build_flux_pipeline_model(
+    shape: dict[str, Any],
+    seed: int,
+    source: str,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Any, int]:
+    """The tiny Flux pipeline (VAE, CLIP, T5) with a random transformer of `shape` (a
+    flux_transformer_config keyword set; the text widths come from the tiny encoders), frozen,
+    on `device` in `dtype`, as a LoadedModel; and the transformer's parameter count."""
+    from diffusers import FluxTransformer2DModel
+
+    from lycoris_core.families import FAMILIES
+    from lycoris_core.models import LoadedModel
+    from lycoris_core.tiny import build_pipeline, flux_transformer_config
+
+    pipe = build_pipeline("flux", seed=seed)
+    shape = {
+        **shape,
+        "joint_attention_dim": pipe.text_encoder_2.config.d_model,
+        "pooled_projection_dim": pipe.text_encoder.config.hidden_size,
+    }
+    seed_everything(seed)
+    transformer = FluxTransformer2DModel(**flux_transformer_config(**shape)).eval()
+    pipe.transformer = transformer.requires_grad_(False)
+    params = sum(p.numel() for p in transformer.parameters())
+    pipe.to(device, dtype)
+    model = LoadedModel(
+        pipe=pipe,
+        family=FAMILIES["flux"],
+        source=source,
+        device=torch.device(device),
+        dtype=dtype,
+    )
+    return model, params
 
 
 def build_model(quick: bool, seed: int) -> tuple[nn.Module, int]:
@@ -874,16 +925,7 @@ def main(argv: list[str] | None = None) -> int:
             for a, v in algos.items()
         },
     }
-    if hasattr(os, "getloadavg"):
-        res["machine"]["load_avg_at_end"] = list(os.getloadavg())
-    res["total_seconds"] = now() - t_start
-    print(report(res))
-    out = Path(args.out)
-    if not out.is_absolute():
-        out = Path.cwd() / out
-    write_json_atomic(out, res)
-    print(f"\nwrote {out} ({res['total_seconds']:.0f} s)")
-    return 0
+    return finish(res, args.out, t_start, report)
 
 
 if __name__ == "__main__":

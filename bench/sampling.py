@@ -34,10 +34,8 @@ import apply as common  # noqa: E402  (bench/apply.py: model, adapter files, mac
 import torch  # noqa: E402
 
 from lycoris_core import load_adapter  # noqa: E402
-from lycoris_core.families import FAMILIES  # noqa: E402
 from lycoris_core.models import LoadedModel  # noqa: E402
 from lycoris_core.sampling import sample  # noqa: E402
-from lycoris_core.tiny import build_pipeline  # noqa: E402
 
 MERGED_TARGET = 1.02
 DYNAMIC_TARGET = 1.10
@@ -48,32 +46,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def build(
     quick: bool, seed: int, device: str = "cpu", dtype: str = "fp32"
 ) -> tuple[LoadedModel, int]:
-    from diffusers import FluxTransformer2DModel
-
-    from lycoris_core.tiny import flux_transformer_config
-
-    pipe = build_pipeline("flux", seed=seed)
-    # bench/apply.py's transformer, reading the tiny text encoders' widths
-    shape = {
-        **(common.MODEL_QUICK if quick else common.MODEL_DEFAULT),
-        "joint_attention_dim": pipe.text_encoder_2.config.d_model,
-        "pooled_projection_dim": pipe.text_encoder.config.hidden_size,
-    }
-    common.seed_everything(seed)
-    transformer = FluxTransformer2DModel(**flux_transformer_config(**shape)).eval()
-    params = sum(p.numel() for p in transformer.parameters())
+    """bench/apply.py's transformer in the tiny Flux pipeline."""
+    shape = common.MODEL_QUICK if quick else common.MODEL_DEFAULT
+    model, params = common.build_flux_pipeline_model(
+        shape, seed, "bench: tiny Flux components + random transformer", device, DTYPES[dtype]
+    )
     if not quick and params < common.MIN_PARAMS_DEFAULT:
         raise SystemExit(f"transformer has {params:,} parameters, expected >= 150M")
-    pipe.transformer = transformer.requires_grad_(False)
-    torch_dtype = DTYPES[dtype]
-    pipe.to(device, torch_dtype)
-    model = LoadedModel(
-        pipe=pipe,
-        family=FAMILIES["flux"],
-        source="bench: tiny Flux components + random transformer",
-        device=torch.device(device),
-        dtype=torch_dtype,
-    )
     return model, params
 
 

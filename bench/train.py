@@ -169,30 +169,9 @@ def peak_rss(mem: dict[str, int]) -> int:
 
 def build_model(cfg: dict[str, Any], seed: int) -> tuple[Any, int]:
     """The tiny Flux pipeline with a (bigger) random transformer, as a LoadedModel."""
-    from diffusers import FluxTransformer2DModel
-
-    from lycoris_core.families import FAMILIES
-    from lycoris_core.models import LoadedModel
-    from lycoris_core.tiny import build_pipeline, flux_transformer_config
-
-    pipe = build_pipeline("flux", seed=seed)
-    shape = {
-        **cfg["transformer"],
-        "joint_attention_dim": pipe.text_encoder_2.config.d_model,
-        "pooled_projection_dim": pipe.text_encoder.config.hidden_size,
-    }
-    common.seed_everything(seed)
-    transformer = FluxTransformer2DModel(**flux_transformer_config(**shape)).eval()
-    pipe.transformer = transformer.requires_grad_(False)
-    params = sum(p.numel() for p in transformer.parameters())
-    model = LoadedModel(
-        pipe=pipe,
-        family=FAMILIES["flux"],
-        source="bench/train.py: tiny Flux components + random transformer",
-        device=torch.device("cpu"),
-        dtype=torch.float32,
+    return common.build_flux_pipeline_model(
+        cfg["transformer"], seed, "bench/train.py: tiny Flux components + random transformer"
     )
-    return model, params
 
 
 def make_data(folder: Path, cfg: dict[str, Any]) -> Path:
@@ -1000,16 +979,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     res["machine"] = common.machine_info(res["arms"]["ours/cached/denoiser"]["params"])
     res["machine"]["load_avg_at_start"] = load_start
-    if hasattr(os, "getloadavg"):
-        res["machine"]["load_avg_at_end"] = list(os.getloadavg())
-    res["total_seconds"] = now() - t_start
-    print(report(res))
-    out = Path(args.out)
-    if not out.is_absolute():
-        out = Path.cwd() / out
-    common.write_json_atomic(out, res)
-    print(f"\nwrote {out} ({res['total_seconds']:.0f} s)")
-    return 0
+    return common.finish(res, args.out, t_start, report)
 
 
 if __name__ == "__main__":
