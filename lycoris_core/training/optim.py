@@ -7,6 +7,7 @@ prodigyopt (imported lazily, with an "install X" error). Schedules come from
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -22,6 +23,16 @@ class OptimizerError(LycorisError, ValueError):
     """An optimizer or schedule that is unknown or whose package is missing."""
 
 
+def _optional(optimizer: str, module: str, package: str) -> Any:
+    """`module`, imported on first use, or an error saying which package to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise OptimizerError(
+            f"optimizer {optimizer!r} needs {package}: pip install {package} (or choose adamw)"
+        ) from None
+
+
 def build_optimizer(
     name: str, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0
 ) -> torch.optim.Optimizer:
@@ -33,22 +44,11 @@ def build_optimizer(
     if key == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if key == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise OptimizerError(
-                "optimizer 'adamw8bit' needs bitsandbytes: pip install bitsandbytes "
-                "(or choose adamw)"
-            ) from None
-        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+        adamw8bit = _optional(key, "bitsandbytes", "bitsandbytes").optim.AdamW8bit
+        return adamw8bit(params, lr=lr, weight_decay=weight_decay)
     if key == "prodigy":
-        try:
-            from prodigyopt import Prodigy
-        except ImportError:
-            raise OptimizerError(
-                "optimizer 'prodigy' needs prodigyopt: pip install prodigyopt (or choose adamw)"
-            ) from None
-        return Prodigy(params, lr=lr, weight_decay=weight_decay)
+        prodigy = _optional(key, "prodigyopt", "prodigyopt").Prodigy
+        return prodigy(params, lr=lr, weight_decay=weight_decay)
     if key == "adafactor":
         from transformers.optimization import Adafactor
 
