@@ -78,14 +78,19 @@ def _coverage_text(model: ModelHandle | None, config: LycorisConfig) -> str:
     )
 
 
-class LycorisConfigNode(LycorisNode):
+class _ConfigNode(LycorisNode):
+    """What both config nodes return."""
+
+    RETURN_TYPES = (CONFIG, "STRING")
+    RETURN_NAMES = ("config", "coverage")
+    OUTPUT_TOOLTIPS = ("The validated config.", "The config JSON and, with a model, what it wraps.")
+
+
+class LycorisConfigNode(_ConfigNode):
     DESCRIPTION = (
         "Build a LyCORIS config (the seed's lycoris_config.json format) from widgets. Connect a "
         "model to see which modules it wraps. Unknown keys or wrong types are errors with a fix."
     )
-    RETURN_TYPES = (CONFIG, "STRING")
-    RETURN_NAMES = ("config", "coverage")
-    OUTPUT_TOOLTIPS = ("The validated config.", "The config JSON and, with a model, what it wraps.")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
@@ -191,14 +196,11 @@ class LycorisConfigNode(LycorisNode):
         return config, _coverage_text(model, config)
 
 
-class LoadLycorisConfig(LycorisNode):
+class LoadLycorisConfig(_ConfigNode):
     DESCRIPTION = (
         "Load a lycoris_config.json (the seed's format) from ComfyUI's models/lycoris_configs "
         "folder, or from a path. Validated: errors name the file and the JSON path."
     )
-    RETURN_TYPES = (CONFIG, "STRING")
-    RETURN_NAMES = ("config", "coverage")
-    OUTPUT_TOOLTIPS = ("The validated config.", "The config JSON and, with a model, what it wraps.")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:

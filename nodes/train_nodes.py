@@ -66,14 +66,19 @@ def _bucket_inputs() -> dict[str, Any]:
     }
 
 
-class DatasetFromFolder(LycorisNode):
+class _DatasetNode(LycorisNode):
+    """What both dataset nodes return."""
+
+    RETURN_TYPES = (DATASET,)
+    RETURN_NAMES = ("dataset",)
+    OUTPUT_TOOLTIPS = ("The dataset description for Train LyCORIS.",)
+
+
+class DatasetFromFolder(_DatasetNode):
     DESCRIPTION = (
         "Images with same-name .txt captions in a folder (kohya 'N_name' sub-folders repeat N "
         "times). Buckets, crops and flips are set here; checked when training starts."
     )
-    RETURN_TYPES = (DATASET,)
-    RETURN_NAMES = ("dataset",)
-    OUTPUT_TOOLTIPS = ("The dataset description for Train LyCORIS.",)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
@@ -128,11 +133,8 @@ class DatasetFromFolder(LycorisNode):
         return (DatasetSpec(folder=str(_dataset_folder(folder)), bucket_step=8, **options),)
 
 
-class DatasetFromImages(LycorisNode):
+class DatasetFromImages(_DatasetNode):
     DESCRIPTION = "An IMAGE batch with captions (one per line, or one line for all) as a dataset."
-    RETURN_TYPES = (DATASET,)
-    RETURN_NAMES = ("dataset",)
-    OUTPUT_TOOLTIPS = ("The dataset description for Train LyCORIS.",)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
