@@ -467,13 +467,13 @@ def _loop(spec, run, net, noise_gen, start, on_step, should_stop, on_validation)
             position += 1
             rngs = [random.Random(f"{spec.seed}:{epoch}:{position}:{j}") for j in range(len(batch))]
             latents, cond = run.encode_batch(batch, rngs)
-            with autocast, training_attention(run.device):
-                loss = run.objective.loss(latents, cond, noise_gen)
-            if not torch.isfinite(loss):
-                raise _aborted("loss", step + 1, loss.item(), last_good, ff_advice)
-            scaled = loss / spec.grad_accum
-            # gradient checkpointing recomputes the forward here: same attention backends
+            # forward and backward (where gradient checkpointing recomputes the forward)
             with training_attention(run.device):
+                with autocast:
+                    loss = run.objective.loss(latents, cond, noise_gen)
+                if not torch.isfinite(loss):
+                    raise _aborted("loss", step + 1, loss.item(), last_good, ff_advice)
+                scaled = loss / spec.grad_accum
                 (scaler.scale(scaled) if scaler else scaled).backward()
             step_loss += loss.item() / spec.grad_accum
         if scaler:
