@@ -55,6 +55,7 @@ from transformers import (
 
 from .errors import LycorisError
 from .io import atomic_folder
+from .picture_vae import picture_vae
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ CLIP_MAX_LENGTH = 77
 T5_MAX_LENGTH = 512
 
 _CLIP_HIDDEN = 32  # CLIP text encoders: hidden size, also their projection size
+_VAE_SCALING = 2.5  # picture latents (3 used directions) to about unit variance
 _T5_DIM = 64  # T5 d_model = joint_attention_dim of SD3 and Flux (= 2 * CLIP hidden for SD3)
 
 # Fixed word list of both vocabularies: common prompt words, so typical prompts encode to
@@ -252,23 +254,9 @@ def _t5_encoder(tokenizer: T5Tokenizer) -> T5EncoderModel:
     return T5EncoderModel(config)
 
 
-def _vae(latent_channels: int, scaling_factor: float, shift_factor: float | None) -> AutoencoderKL:
-    flow = shift_factor is not None  # SD3 / Flux VAEs: 16 channels, no quant convs
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 32),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=32,
-        sample_size=32,
-        scaling_factor=scaling_factor,
-        shift_factor=shift_factor,
-        use_quant_conv=not flow,
-        use_post_quant_conv=not flow,
-    )
+def _vae(latent_channels: int, shift_factor: float | None) -> AutoencoderKL:
+    """The picture VAE (its latents are the image at half size), scaled to unit-ish range."""
+    return picture_vae(latent_channels, _VAE_SCALING, shift_factor)
 
 
 def _sd15_unet() -> UNet2DConditionModel:
@@ -434,7 +422,7 @@ def _flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
 def _build_sd15(seed: int) -> DiffusionPipeline:
     tokenizer = _clip_tokenizer()
     return StableDiffusionPipeline(
-        vae=_seeded(seed, "sd15", "vae", lambda: _vae(4, 0.18215, None)),
+        vae=_seeded(seed, "sd15", "vae", lambda: _vae(4, None)),
         text_encoder=_seeded(
             seed, "sd15", "text_encoder", lambda: CLIPTextModel(_clip_config(tokenizer))
         ),
@@ -451,7 +439,7 @@ def _build_sdxl(seed: int) -> DiffusionPipeline:
     tokenizer = _clip_tokenizer()
     tokenizer_2 = _clip_tokenizer()
     return StableDiffusionXLPipeline(
-        vae=_seeded(seed, "sdxl", "vae", lambda: _vae(4, 0.13025, None)),
+        vae=_seeded(seed, "sdxl", "vae", lambda: _vae(4, None)),
         text_encoder=_seeded(
             seed, "sdxl", "text_encoder", lambda: CLIPTextModel(_clip_config(tokenizer))
         ),
@@ -476,7 +464,7 @@ def _build_sd3(seed: int) -> DiffusionPipeline:
     return StableDiffusion3Pipeline(
         transformer=_seeded(seed, "sd3", "transformer", _sd3_transformer),
         scheduler=_sd3_scheduler(),
-        vae=_seeded(seed, "sd3", "vae", lambda: _vae(16, 1.5305, 0.0609)),
+        vae=_seeded(seed, "sd3", "vae", lambda: _vae(16, 0.0)),
         text_encoder=_seeded(
             seed,
             "sd3",
@@ -501,7 +489,7 @@ def _build_flux(seed: int) -> DiffusionPipeline:
     tokenizer_2 = _t5_tokenizer()
     return FluxPipeline(
         scheduler=_flux_scheduler(),
-        vae=_seeded(seed, "flux", "vae", lambda: _vae(16, 0.3611, 0.1159)),
+        vae=_seeded(seed, "flux", "vae", lambda: _vae(16, 0.0)),
         text_encoder=_seeded(
             seed, "flux", "text_encoder", lambda: CLIPTextModel(_clip_config(tokenizer))
         ),

@@ -90,8 +90,9 @@ def test_alternating_strengths_never_drift(tiny):
         sample(model, stack, mode=mode, **{**ARGS, "steps": 1})
     model.restore_base()
     fresh = load_model(folders["sd15"], device="cpu")
-    assert same_state(model.denoiser, state(fresh.denoiser))
-    assert torch.equal(sample(model, **ARGS), sample(fresh, **ARGS))
+    assert same_state(model.denoiser, state(fresh.denoiser))  # bitwise: the restored weights
+    # two models with equal weights at other addresses: fp32 rounding may differ per CPU
+    torch.testing.assert_close(sample(model, **ARGS), sample(fresh, **ARGS), rtol=0, atol=1e-5)
 
 
 def test_batch_seeds_are_per_image(tiny):
