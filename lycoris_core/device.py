@@ -32,8 +32,12 @@ class DeviceError(LycorisError, ValueError):
     """A device, dtype or offload choice that this machine cannot honour."""
 
 
-class OutOfMemoryError(LycorisError, MemoryError):
-    """Out of memory, with concrete advice on what to change."""
+class OutOfMemoryError(LycorisError, torch.OutOfMemoryError, MemoryError):
+    """Out of memory, with concrete advice on what to change.
+
+    Also a ``torch.OutOfMemoryError`` (``torch.cuda.OutOfMemoryError``): hosts that handle an
+    OOM by type, such as ComfyUI, which unloads its models then, see it as one.
+    """
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:

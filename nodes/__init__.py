@@ -11,8 +11,9 @@ from .adapter_nodes import (
     LycorisConfigNode,
     SaveLycoris,
 )
+from .dataset_nodes import DatasetFromFolder, DatasetFromImages
 from .model_nodes import ApplyLycoris, LoadDiffusersModel, SampleLycoris, SaveMergedModel
-from .train_nodes import DatasetFromFolder, DatasetFromImages, LossPlot, TrainLycoris
+from .train_nodes import LossPlot, TrainLycoris
 
 _host.register_folders()
 

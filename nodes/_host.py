@@ -3,8 +3,9 @@
 Inside ComfyUI it uses ``folder_paths``, ``comfy.utils.ProgressBar`` (whose update raises
 ComfyUI's interrupt on Cancel), ``comfy.model_management`` and ``server.PromptServer``.
 Outside ComfyUI (node tests, scripts) it falls back to plain folders under
-``$LYCORIS_HOST_ROOT`` (default ``./comfy-host``) and records events in memory, so every node
-runs anywhere.
+``$LYCORIS_HOST_ROOT`` (default ``./comfy-host``), records events in memory and has a Cancel
+flag of its own (:data:`PLAIN_INTERRUPT`, raising :class:`Interrupted`), so every node runs
+anywhere.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ except ImportError:
 
 # events sent while no ComfyUI server exists (node tests read them)
 EVENTS: list[tuple[str, dict]] = []
+# Outside ComfyUI: the Cancel button (tests set it; cleared when the interrupt is raised)
+PLAIN_INTERRUPT = False
+
+
+class Interrupted(Exception):
+    """Outside ComfyUI: what ComfyUI's ``InterruptProcessingException`` is inside it."""
 
 
 def _fallback_root() -> Path:
@@ -76,6 +83,12 @@ def temp_dir() -> Path:
 
 def list_files(kind: str, extensions: set[str]) -> list[str]:
     """Relative file names of a kind (sub-folders included), sorted."""
+    if IN_COMFY:  # its cached listing (refreshed by the editor's "Refresh")
+        try:
+            listed = folder_paths.get_filename_list(kind)
+        except KeyError:  # a kind this ComfyUI does not know
+            listed = []
+        return sorted(n for n in listed if Path(n).suffix.lower() in extensions)
     names: set[str] = set()
     for root in folders(kind):
         if not root.is_dir():
@@ -98,7 +111,11 @@ def list_diffusers_folders() -> list[str]:
 
 
 def resolve(kind: str, name: str) -> Path | None:
-    """The full path of a relative name in a model kind, or None when it is not there."""
+    """The full path of a relative name (a file or a folder) in a model kind, or None."""
+    if IN_COMFY:
+        found = folder_paths.get_full_path(kind, name)  # files only
+        if found:
+            return Path(found)
     for root in folders(kind):
         candidate = (root / name).resolve()
         if root.resolve() in candidate.parents and candidate.exists():
@@ -126,6 +143,7 @@ class Progress:
         if self.bar is not None:  # pragma: no cover
             self.bar.update_absolute(step, total, preview)
         elif not IN_COMFY:
+            raise_if_interrupted()  # as ComfyUI's progress hook does
             EVENTS.append(
                 (
                     "progress",
@@ -153,25 +171,32 @@ def preview_size() -> int | None:
 def interrupted() -> bool:
     """Whether the user pressed Cancel (checked between steps)."""
     if not IN_COMFY:
-        return False
+        return PLAIN_INTERRUPT
     import comfy.model_management as mm  # pragma: no cover
 
     return bool(mm.processing_interrupted())  # pragma: no cover
 
 
 def raise_if_interrupted() -> None:
+    """Raise the host's interrupt when Cancel was pressed: ComfyUI shows "interrupted" (not an
+    error) and clears the flag."""
+    global PLAIN_INTERRUPT
     if IN_COMFY:  # pragma: no cover
         import comfy.model_management as mm
 
         mm.throw_exception_if_processing_interrupted()
+    elif PLAIN_INTERRUPT:
+        PLAIN_INTERRUPT = False
+        raise Interrupted("processing interrupted")
 
 
-def interrupt_exception() -> type[BaseException] | None:
+def interrupt_exception() -> type[BaseException]:
+    """The exception type of the host's interrupt."""
     if IN_COMFY:  # pragma: no cover
         import comfy.model_management as mm
 
         return mm.InterruptProcessingException
-    return None
+    return Interrupted
 
 
 def _finite(value: Any) -> Any:

@@ -13,10 +13,15 @@ from ..lycoris_core.errors import ConfigError
 from ..lycoris_core.io import write_safetensors
 from ..lycoris_core.report import describe, format_report
 from . import _host
-from .handles import ADAPTER, CONFIG, MODEL, LycorisNode, ModelHandle
-from .model_nodes import check_output_name
-
-OUTPUT_SUBFOLDER = "lycoris"  # inside ComfyUI's loras folder
+from .handles import (
+    ADAPTER,
+    CONFIG,
+    MODEL,
+    OUTPUT_SUBFOLDER,
+    LycorisNode,
+    ModelHandle,
+    check_output_name,
+)
 
 
 def _json_field(text: str, name: str) -> dict:

@@ -1,4 +1,4 @@
-"""The values that travel between our nodes. Immutable: ComfyUI caches and shares outputs.
+"""The values that travel between our nodes, and what the node modules share. Immutable: ComfyUI caches and shares outputs.
 
 ``LYCORIS_MODEL`` is a :class:`ModelHandle`: a loaded pipeline plus the adapters stacked on it
 (nothing touches the weights until a sampler or trainer runs). ``LYCORIS_ADAPTER`` is a
@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 from ..lycoris_core import Adapter
@@ -18,6 +19,18 @@ ADAPTER = "LYCORIS_ADAPTER"
 CONFIG = "LYCORIS_CONFIG"
 DATASET = "LYCORIS_DATASET"
 CATEGORY = "LyCORIS"
+OUTPUT_SUBFOLDER = "lycoris"  # our files inside ComfyUI's loras folder
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
+
+
+def check_output_name(name: str, what: str = "name") -> str | None:
+    """None if `name` is a safe file/folder name, else the error text (no paths, no '..')."""
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+        return (
+            f"{what} {name!r} must be a plain name (letters, digits, space . _ -, no '/' or "
+            "'..', at most 100 characters); it is saved inside ComfyUI's models folder"
+        )
+    return None
 
 
 class LycorisNode:

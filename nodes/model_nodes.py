@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,18 +12,17 @@ from ..lycoris_core.device import DTYPES, OFFLOAD_MODES
 from ..lycoris_core.models import from_pipeline, load_model, save_merged
 from ..lycoris_core.patching import MODES
 from ..lycoris_core.previews import step_preview
-from ..lycoris_core.sampling import StepInfo, sample
+from ..lycoris_core.sampling import SamplingCancelled, StepInfo, sample
 from ..lycoris_core.tiny import FAMILIES as TINY_FAMILIES
 from ..lycoris_core.tiny import build_pipeline
 from . import _host
-from .handles import ADAPTER, MODEL, LycorisNode, ModelHandle
+from .handles import ADAPTER, MODEL, LycorisNode, ModelHandle, check_output_name
 
 logger = logging.getLogger(__name__)
 
 DEMO_PREFIX = "demo: tiny-"
 FILE_PREFIX = "file: "
 NONE = "(none)"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
 
 
 def model_choices() -> list[str]:
@@ -33,16 +32,6 @@ def model_choices() -> list[str]:
         for name in _host.list_files(kind, _host.SAFETENSORS)
     ]
     return _host.list_diffusers_folders() + files + [DEMO_PREFIX + f for f in TINY_FAMILIES]
-
-
-def check_output_name(name: str, what: str = "name") -> str | None:
-    """None if `name` is a safe file/folder name, else the error text (no paths, no '..')."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
-        return (
-            f"{what} {name!r} must be a plain name (letters, digits, space . _ -, no '/' or "
-            "'..', at most 100 characters); it is saved inside ComfyUI's models folder"
-        )
-    return None
 
 
 class LoadDiffusersModel(LycorisNode):
@@ -165,6 +154,27 @@ class ApplyLycoris(LycorisNode):
         return (model.with_adapter(adapter, strength, mode),)
 
 
+def _sample_progress(model: ModelHandle, steps: int, node: str | None) -> Callable:
+    """The Sample node's ``on_step``: the progress bar (it raises the host's interrupt on
+    Cancel) with a step preview when the host shows them."""
+    bar = _host.Progress(steps, node)
+    size = _host.preview_size()
+
+    def on_step(info: StepInfo) -> None:
+        nonlocal size
+        image = None
+        if size:
+            try:
+                latents = info.denoised if info.denoised is not None else info.latents
+                image = step_preview(model.model, latents)
+            except Exception as exc:  # a preview never stops the sampling
+                logger.warning("step previews off for this run: %s", exc)
+                size = None
+        bar.update(info.step, info.total, ("JPEG", image, size) if image else None)
+
+    return on_step
+
+
 class SampleLycoris(LycorisNode):
     DESCRIPTION = (
         "Sample images with the model and its LyCORIS stack. Returns ComfyUI IMAGEs (connect to "
@@ -258,36 +268,25 @@ class SampleLycoris(LycorisNode):
         batch_size: int,
         unique_id: str | None = None,
     ) -> tuple[Any]:
-        bar = _host.Progress(steps, unique_id)
-        size = _host.preview_size()
-
-        def on_step(info: StepInfo) -> None:
-            nonlocal size
-            image = None
-            if size:
-                try:
-                    latents = info.denoised if info.denoised is not None else info.latents
-                    image = step_preview(model.model, latents)
-                except Exception as exc:  # a preview never stops the sampling
-                    logger.warning("step previews off for this run: %s", exc)
-                    size = None
-            bar.update(info.step, info.total, ("JPEG", image, size) if image else None)
-
-        images = sample(
-            model.model,
-            list(model.adapters),
-            mode=model.mode,
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            width=width,
-            height=height,
-            steps=steps,
-            guidance=guidance,
-            seed=seed,
-            batch_size=batch_size,
-            on_step=on_step,
-            should_stop=_host.interrupted,
-        )
+        try:
+            images = sample(
+                model.model,
+                list(model.adapters),
+                mode=model.mode,
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                width=width,
+                height=height,
+                steps=steps,
+                guidance=guidance,
+                seed=seed,
+                batch_size=batch_size,
+                on_step=_sample_progress(model, steps, unique_id),
+                should_stop=_host.interrupted,
+            )
+        except SamplingCancelled:  # ComfyUI shows its interrupt as "interrupted", not an error
+            _host.raise_if_interrupted()
+            raise
         return (images,)
 
 

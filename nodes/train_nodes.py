@@ -1,161 +1,31 @@
-"""Nodes for training: datasets, the Train node (with checkpoints, validation, live events),
-and a loss plot."""
+"""Nodes for training: the Train node (with checkpoints, validation, live events) and a loss
+plot."""
 
 from __future__ import annotations
 
-import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..lycoris_core import load_adapter
+from ..lycoris_core import load_adapter, schema
 from ..lycoris_core.plots import loss_curve_image, to_image_tensor
-from ..lycoris_core.training import DatasetSpec, TrainSpec, TrainStepInfo, train
-from ..lycoris_core.training.checkpoint import checkpoints_dir, list_checkpoints
+from ..lycoris_core.training import DatasetSpec, TrainSpec, TrainStepInfo
+from ..lycoris_core.training.job import TrainJob, latest_checkpoint, prompts_from_text, summarize
 from ..lycoris_core.training.optim import OPTIMIZERS, SCHEDULERS
 from . import _host
-from .adapter_nodes import OUTPUT_SUBFOLDER
-from .handles import ADAPTER, CONFIG, DATASET, MODEL, LycorisNode, ModelHandle
-from .model_nodes import check_output_name
-
-EVENT = "lycoris.train"
-
-
-DEMO_DATASET = "demo: discs"
-
-
-def _dataset_folder(folder: str) -> Path:
-    """The folder of a dataset; ``demo: discs`` is a small generated one (no download)."""
-    if folder.strip() == DEMO_DATASET:
-        from ..lycoris_core.training.synthetic import make_demo_dataset
-
-        return make_demo_dataset(_host.temp_dir() / "lycoris-demo-dataset", count=8, size=32)
-    return Path(folder).expanduser()
-
-
-def _bucket_inputs() -> dict[str, Any]:
-    return {
-        "resolution": (
-            "INT",
-            {
-                "default": 1024,
-                "min": 16,
-                "max": 4096,
-                "step": 8,
-                "tooltip": "Target side; buckets keep about this many pixels.",
-            },
-        ),
-        "center_crop": (
-            "BOOLEAN",
-            {"default": True, "tooltip": "Center crop (cacheable) or random crop."},
-        ),
-        "flip": ("BOOLEAN", {"default": False, "tooltip": "Random horizontal flips."}),
-        "caption_dropout": (
-            "FLOAT",
-            {
-                "default": 0.0,
-                "min": 0.0,
-                "max": 1.0,
-                "step": 0.01,
-                "tooltip": "Probability of training an image with an empty caption.",
-            },
-        ),
-        "trigger_word": ("STRING", {"default": "", "tooltip": "Prepended to every caption."}),
-    }
-
-
-class _DatasetNode(LycorisNode):
-    """What both dataset nodes return."""
-
-    RETURN_TYPES = (DATASET,)
-    RETURN_NAMES = ("dataset",)
-    OUTPUT_TOOLTIPS = ("The dataset description for Train LyCORIS.",)
-
-
-class DatasetFromFolder(_DatasetNode):
-    DESCRIPTION = (
-        "Images with same-name .txt captions in a folder (kohya 'N_name' sub-folders repeat N "
-        "times). Buckets, crops and flips are set here; checked when training starts."
-    )
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {
-            "required": {
-                "folder": (
-                    "STRING",
-                    {
-                        "default": "",
-                        "tooltip": "Full path of the image folder ('demo: discs' = 8 generated images, for the demo model).",
-                    },
-                ),
-                **_bucket_inputs(),
-                "default_caption": (
-                    "STRING",
-                    {"default": "", "tooltip": "Caption of images without a .txt."},
-                ),
-                "skip_bad": (
-                    "BOOLEAN",
-                    {
-                        "default": False,
-                        "tooltip": "Skip unreadable or too small images (one warning) instead of failing.",
-                    },
-                ),
-            }
-        }
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, folder: str) -> bool | str:
-        if folder.strip() == DEMO_DATASET:
-            return True
-        if not folder.strip() or not Path(folder).expanduser().is_dir():
-            return (
-                f"dataset folder {folder!r} does not exist; give the full path of a folder of "
-                f"images (or '{DEMO_DATASET}' for the built-in demo images)"
-            )
-        return True
-
-    @classmethod
-    def IS_CHANGED(cls, folder: str, **kwargs: Any) -> str:
-        root = _dataset_folder(folder)
-        if not root.is_dir():
-            return folder
-        stamp = [
-            (str(p), p.stat().st_mtime_ns, p.stat().st_size)
-            for p in sorted(root.rglob("*"))
-            if p.is_file()
-        ]
-        return hashlib.sha256(json.dumps(stamp).encode()).hexdigest()
-
-    def run(self, folder: str, **options: Any) -> tuple[DatasetSpec]:
-        return (DatasetSpec(folder=str(_dataset_folder(folder)), bucket_step=8, **options),)
-
-
-class DatasetFromImages(_DatasetNode):
-    DESCRIPTION = "An IMAGE batch with captions (one per line, or one line for all) as a dataset."
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {
-            "required": {
-                "images": ("IMAGE", {"tooltip": "The training images."}),
-                "captions": (
-                    "STRING",
-                    {
-                        "multiline": True,
-                        "default": "",
-                        "tooltip": "One caption per line (or a single line for all images).",
-                    },
-                ),
-                **_bucket_inputs(),
-            }
-        }
-
-    def run(self, images: torch.Tensor, captions: str, **options: Any) -> tuple[DatasetSpec]:
-        lines = [line.strip() for line in captions.splitlines() if line.strip()] or [""]
-        return (DatasetSpec(images=images.clone(), captions=lines, bucket_step=8, **options),)
+from .handles import (
+    ADAPTER,
+    CONFIG,
+    DATASET,
+    MODEL,
+    OUTPUT_SUBFOLDER,
+    LycorisNode,
+    ModelHandle,
+    check_output_name,
+)
 
 
 def _save_previews(images: torch.Tensor, stem: str) -> list[dict[str, str]]:
@@ -169,7 +39,7 @@ def _save_previews(images: torch.Tensor, stem: str) -> list[dict[str, str]]:
         name = f"{stem}-{i}.png"
         array = (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
         Image.fromarray(array).save(folder / name)
-        refs.append({"filename": name, "subfolder": "lycoris", "type": "temp"})
+        refs.append(dict(zip(schema.IMAGE_REF_KEYS, (name, "lycoris", "temp"), strict=True)))
     return refs
 
 
@@ -177,17 +47,58 @@ def _empty_image() -> torch.Tensor:
     return torch.zeros(1, 64, 64, 3)
 
 
-def _run_hash(model: ModelHandle, config: Any, dataset: DatasetSpec, params: dict) -> str:
-    """Identity of a training run: model + adapters, config, dataset content, parameters."""
-    from ..lycoris_core.training import TrainingData
-
-    data = TrainingData(dataset).fingerprint()  # image bytes, captions, buckets, settings
-    blob = json.dumps(
-        {"model": model.describe(), "config": config.to_dict(), "data": data, "params": params},
-        sort_keys=True,
-        default=str,
+def _train_spec(
+    model: ModelHandle, config: Any, dataset: DatasetSpec, out: Path, params: dict[str, Any]
+) -> TrainSpec:
+    """The Train node's widgets as a training spec (widget names are the node's public API)."""
+    return TrainSpec(
+        base=model.model,
+        config=config,
+        dataset=dataset,
+        output=str(out),
+        steps=params["steps"],
+        batch_size=params["batch_size"],
+        lr=params["learning_rate"],
+        optimizer=params["optimizer"],
+        scheduler=params["scheduler"],
+        mixed_precision=params["precision"],
+        gradient_checkpointing=params["gradient_checkpointing"],
+        save_every=params["save_every"],
+        validation_prompts=prompts_from_text(params["validation_prompt"]),
+        validation_every=params["validation_every"],
+        validation_lycoris_strength=params["validation_lycoris_strength"],
+        seed=params["seed"],
+        resume=str(out) if params["resume"] else None,
     )
-    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _reporters(steps: int, stem: str, node: str | None) -> tuple[Callable, Callable]:
+    """The Train node's ``on_step`` (events, status line, progress bar: the bar raises the
+    host's interrupt on Cancel) and ``on_validation`` (thumbnails) callbacks."""
+    bar = _host.Progress(steps, node)
+
+    def on_step(info: TrainStepInfo) -> None:
+        _host.send_event(schema.TRAIN_EVENT, schema.step_event(info), node)
+        _host.send_text(
+            node,
+            f"step {info.step}/{info.total}  loss {info.smoothed_loss:.4f}  "
+            f"{info.it_per_s:.2f} it/s  eta {info.eta:.0f} s",
+        )
+        bar.update(info.step, info.total)
+
+    def on_validation(step: int, images: torch.Tensor) -> None:
+        refs = _save_previews(images, f"{stem}-step{step:06d}")
+        _host.send_event(schema.TRAIN_EVENT, schema.validation_event(step, refs), node)
+
+    return on_step, on_validation
+
+
+def _outputs(adapter: Any, path: Path, summary: dict, validation: Any) -> dict[str, Any]:
+    curve = to_image_tensor(loss_curve_image(summary.get("losses") or []))
+    text = json.dumps(summary)
+    ui = schema.train_ui(text, str(path), summary.get("final_loss"))
+    images = validation if validation is not None else _empty_image()
+    return {"ui": ui, "result": (adapter, str(path), curve, images, text)}
 
 
 class TrainLycoris(LycorisNode):
@@ -335,121 +246,30 @@ class TrainLycoris(LycorisNode):
         **params: Any,
     ) -> dict[str, Any]:
         out = _host.primary_folder("loras") / OUTPUT_SUBFOLDER / f"{output_name}.safetensors"
-        run_hash = _run_hash(model, config, dataset, params)
-        stamp = out.with_suffix(".run.json")
-        if (
-            out.is_file()
-            and stamp.is_file()
-            and json.loads(stamp.read_text()).get("hash") == run_hash
-        ):
-            summary = json.loads(stamp.read_text())["summary"] | {"reused": True}
-            return self._outputs(out, summary, None, unique_id)
-        resume = params.pop("resume")
-        if resume and not list_checkpoints(checkpoints_dir(out)):
-            from ..lycoris_core.training.checkpoint import CheckpointError
-
-            raise CheckpointError(
-                f"resume is on but {checkpoints_dir(out)} has no checkpoint; turn resume off to "
-                "start a new run"
-            )
-        prompts = [p.strip() for p in params.pop("validation_prompt").splitlines() if p.strip()]
-        spec = TrainSpec(
-            base=model.model,
-            config=config,
-            dataset=dataset,
-            output=str(out),
-            steps=params["steps"],
-            batch_size=params["batch_size"],
-            lr=params["learning_rate"],
-            optimizer=params["optimizer"],
-            scheduler=params["scheduler"],
-            mixed_precision=params["precision"] if model.model.device.type != "cpu" else "no",
-            gradient_checkpointing=params["gradient_checkpointing"],
-            save_every=params["save_every"],
-            validation_prompts=prompts,
-            validation_every=params["validation_every"],
-            validation_lycoris_strength=params["validation_lycoris_strength"],
-            seed=params["seed"],
-            resume=str(out) if resume else None,
-        )
-        bar = _host.Progress(spec.steps, unique_id)
-
-        def on_step(info: TrainStepInfo) -> None:
-            data = {
-                "step": info.step,
-                "total": info.total,
-                "loss": info.loss,
-                "smoothed_loss": info.smoothed_loss,
-                "lr": info.lr,
-                "it_per_s": info.it_per_s,
-                "eta": info.eta,
-            }
-            _host.send_event(EVENT, data, unique_id)
-            _host.send_text(
-                unique_id,
-                f"step {info.step}/{info.total}  loss {info.smoothed_loss:.4f}  "
-                f"{info.it_per_s:.2f} it/s  eta {info.eta:.0f} s",
-            )
-            bar.update(info.step, info.total)  # raises ComfyUI's interrupt on Cancel
-
-        def on_validation(step: int, images: torch.Tensor) -> None:
-            refs = _save_previews(images, f"{output_name}-step{step:06d}")
-            _host.send_event(EVENT, {"step": step, "validation": refs}, unique_id)
-
+        job = TrainJob.prepare(_train_spec(model, config, dataset, out, params), model.describe())
+        if job.reused is not None:
+            return _outputs(load_adapter(out), out, job.reused, None)
+        on_step, on_validation = _reporters(job.spec.steps, output_name, unique_id)
         free = _host.free_host_memory()
         if free is not None:
             free()
         model.model.restore_base()
         try:
-            result = train(
-                spec, on_step=on_step, should_stop=_host.interrupted, on_validation=on_validation
-            )
-        except BaseException as exc:
-            interrupt = _host.interrupt_exception()
-            if interrupt is not None and isinstance(exc, interrupt):
-                saved = list_checkpoints(checkpoints_dir(out))
-                _host.send_event(
-                    EVENT,
-                    {"status": "cancelled", "checkpoint": str(saved[-1].path) if saved else None},
-                    unique_id,
-                )
+            result = job.run(on_step, _host.interrupted, on_validation)
+        except _host.interrupt_exception():  # Cancel during a step: its checkpoint is saved
+            cancelled = schema.cancelled_event(latest_checkpoint(out))
+            _host.send_event(schema.TRAIN_EVENT, cancelled, unique_id)
             raise
-        summary = {
-            "adapter_path": result.adapter_path,
-            "steps": result.steps_done,
-            "completed": result.completed,
-            "stopped": result.stopped_reason,
-            "final_loss": result.losses[-1] if result.losses else None,
-            "losses": result.losses,
-            "checkpoints": result.checkpoints,
-            "seconds": round(result.seconds, 1),
-            "layers": result.layers,
-        }
+        summary = summarize(result)
+        last = result.validation[-1][1] if result.validation else None
         if not result.completed:  # Cancel noticed between steps: keep the checkpoint, report it
-            _host.send_event(
-                EVENT, {"status": "cancelled", "checkpoint": result.checkpoints[-1]}, unique_id
-            )
+            cancelled = schema.cancelled_event(result.checkpoints[-1])
+            _host.send_event(schema.TRAIN_EVENT, cancelled, unique_id)
             _host.raise_if_interrupted()
-            return self._outputs(Path(result.adapter_path), summary, result, unique_id)
-        stamp.write_text(json.dumps({"hash": run_hash, "summary": summary}))
-        _host.send_event(EVENT, {"status": "done", "adapter_path": str(out)}, unique_id)
-        return self._outputs(out, summary, result, unique_id)
-
-    def _outputs(
-        self, path: Path, summary: dict, result: Any, unique_id: str | None
-    ) -> dict[str, Any]:
-        adapter = load_adapter(path)
-        curve = to_image_tensor(loss_curve_image(summary.get("losses") or []))
-        validation = (
-            result.validation[-1][1] if result is not None and result.validation else _empty_image()
-        )
-        text = json.dumps(summary)
-        ui = {
-            "text": [text],
-            "adapter_path": [str(path)],
-            "final_loss": [summary.get("final_loss")],
-        }
-        return {"ui": ui, "result": (adapter, str(path), curve, validation, text)}
+            path = Path(result.adapter_path)
+            return _outputs(load_adapter(path), path, summary, last)
+        _host.send_event(schema.TRAIN_EVENT, schema.done_event(str(out)), unique_id)
+        return _outputs(result.adapter, out, summary, last)
 
 
 class LossPlot(LycorisNode):

@@ -12,9 +12,8 @@ import {
   statusLine,
   viewPath,
 } from "./lycoris_chart.js";
+import { TRAIN_EVENT, TRAIN_NODE } from "./lycoris_schema.js";
 
-const NODE_CLASS = "LycorisTrain";
-const EVENT = "lycoris.train";
 const WIDGET_NAME = "lycoris_live";
 const TEXT_PREVIEW = "$$node-text-preview"; // the frontend's status-text widget
 const CHART_HEIGHT = 140;
@@ -187,7 +186,7 @@ function update(id, event) {
 }
 
 function isTrainNode(node) {
-  return node?.comfyClass === NODE_CLASS || node?.constructor?.comfyClass === NODE_CLASS;
+  return node?.comfyClass === TRAIN_NODE || node?.constructor?.comfyClass === TRAIN_NODE;
 }
 
 app.registerExtension({
@@ -227,7 +226,7 @@ app.registerExtension({
   },
 
   setup() {
-    api.addEventListener(EVENT, (e) => {
+    api.addEventListener(TRAIN_EVENT, (e) => {
       try {
         const detail = e?.detail;
         if (detail && detail.node != null) update(String(detail.node), detail);

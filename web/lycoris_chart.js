@@ -1,6 +1,7 @@
 // Pure logic of the Train node's live view: run state, status text, chart geometry.
 // No DOM and no ComfyUI imports, so Node's test runner covers it (tests/web/).
 // ComfyUI also imports this file as an extension module; it only defines exports.
+import { EVENT_KEYS, STATUS } from "./lycoris_schema.js";
 
 /** Most points drawn per series; longer runs are thinned (first and last kept). */
 export const MAX_DRAWN = 600;
@@ -29,7 +30,7 @@ export function emptyRun() {
   };
 }
 
-const FINISHED = new Set(["done", "cancelled", "error"]);
+const FINISHED = new Set([STATUS.done, STATUS.cancelled, "error"]);
 
 function num(value) {
   return typeof value === "number" ? value : Number.NaN;
@@ -49,19 +50,22 @@ export function reduceRun(state, event) {
   const prev = state ?? emptyRun();
   if (!event || typeof event !== "object") return prev;
 
-  if (typeof event.status === "string" && event.status) {
+  const status = event[EVENT_KEYS.status];
+  if (typeof status === "string" && status) {
+    const path = event[EVENT_KEYS.adapterPath];
     return {
       ...prev,
-      status: event.status,
-      adapterPath: typeof event.adapter_path === "string" ? event.adapter_path : prev.adapterPath,
-      checkpoint: event.status === "cancelled" ? (event.checkpoint ?? null) : prev.checkpoint,
+      status,
+      adapterPath: typeof path === "string" ? path : prev.adapterPath,
+      checkpoint: status === STATUS.cancelled ? (event[EVENT_KEYS.checkpoint] ?? null) : prev.checkpoint,
       message: typeof event.message === "string" ? event.message : prev.message,
     };
   }
 
-  if (Array.isArray(event.validation)) {
+  const validation = event[EVENT_KEYS.validation];
+  if (Array.isArray(validation)) {
     const step = finite(event.step) ? event.step : prev.step;
-    const refs = event.validation
+    const refs = validation
       .filter((r) => r && typeof r.filename === "string" && r.filename)
       .map((r) => ({
         filename: r.filename,

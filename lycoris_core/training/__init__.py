@@ -11,6 +11,7 @@ from .dataset import (
     FeatureCache,
     TrainingData,
 )
+from .job import TrainJob
 from .loop import TrainingAborted, TrainResult, TrainSpec, TrainStepInfo, train
 from .objectives import ObjectiveOptions
 
@@ -21,6 +22,7 @@ __all__ = [
     "DatasetSpec",
     "FeatureCache",
     "ObjectiveOptions",
+    "TrainJob",
     "TrainResult",
     "TrainSpec",
     "TrainStepInfo",

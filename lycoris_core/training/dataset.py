@@ -56,6 +56,9 @@ _PREP_VERSION = 1
 _RESAMPLE = Image.Resampling.LANCZOS
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _MAX_LISTED_PROBLEMS = 10
+# Decoded folder images kept from loading for training (RGB bytes, summed); beyond it an image
+# is decoded again each time its pixels are drawn.
+KEEP_DECODED_BYTES = 1 << 30
 
 
 class DatasetError(LycorisError, ValueError):
@@ -525,8 +528,10 @@ class TrainingData:
     """A loaded dataset: checked images, captions and buckets; deterministic epochs.
 
     Loading decodes every image once (a corrupt or truncated file fails here, not hours into
-    training). Folder images are decoded again on each :meth:`pixels` call; in-memory images
-    are kept as RGB copies (later changes to the caller's tensors do not leak in).
+    training) and keeps the decoded folder images, up to :data:`KEEP_DECODED_BYTES` in all, for
+    :meth:`pixels`; images beyond that budget are decoded again on each :meth:`pixels` call.
+    In-memory images are kept as RGB copies (later changes to the caller's tensors do not leak
+    in).
     """
 
     def __init__(self, spec: DatasetSpec):
@@ -537,6 +542,7 @@ class TrainingData:
             spec.resolution, spec.bucket_step, spec.max_aspect, spec.min_bucket_side
         )
         problems = _Problems(spec.skip_bad)
+        self._kept_bytes = 0
         if spec.folder is not None:
             found = _scan_folder(spec, problems)
         else:
@@ -595,8 +601,16 @@ class TrainingData:
             source=cand.source,
             size=(img.width, img.height),
             path=cand.path,
-            image=img if cand.path is None else None,
+            image=img if cand.path is None or self._keep(img) else None,
         )
+
+    def _keep(self, img: Image.Image) -> bool:
+        """Whether a decoded folder image fits in the budget of kept images (then it is kept)."""
+        size = img.width * img.height * len(img.getbands())
+        if self._kept_bytes + size > KEEP_DECODED_BYTES:
+            return False
+        self._kept_bytes += size
+        return True
 
     def __len__(self) -> int:
         return len(self.items)

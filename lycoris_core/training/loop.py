@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..adapters import Adapter, adapter_from_state_dict
 from ..config import LycorisConfig
 from ..device import training_attention
 from ..errors import LycorisError
@@ -84,6 +85,8 @@ class TrainSpec:
     objective: ObjectiveOptions = field(default_factory=ObjectiveOptions)
     save_dtype: str = "fp32"
     config_dir: str | None = None  # for a single-file `base`
+    # `dataset` already loaded as the loop reads it (see `training_dataset`), or None
+    data: TrainingData | None = field(default=None, repr=False, compare=False)
 
     def validate(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -121,6 +124,8 @@ class TrainSpec:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name == "data":
+                continue
             if f.name == "base":
                 value = value.source if isinstance(value, LoadedModel) else str(value)
             elif f.name == "config":
@@ -166,6 +171,7 @@ class TrainResult:
     seconds: float
     layers: int
     network_sha256: str = ""  # of the trained weights (equal on every rank when distributed)
+    adapter: Adapter | None = None  # the file written at the end, in memory (None: cancelled)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -247,6 +253,11 @@ def _feeds_forward(config: LycorisConfig) -> bool:
     return any("feedforward" in t.lower() or "mlp" in t.lower() for t in targets) or ("ff" in names)
 
 
+def training_dataset(dataset: DatasetSpec, model: LoadedModel) -> DatasetSpec:
+    """`dataset` as the loop reads it: the model's bucket step; flips are drawn per sample."""
+    return dataclasses.replace(dataset, flip=False, bucket_step=model.size_multiple)
+
+
 class _Run:
     """State of one training run (kept small: the loop in `train` reads top to bottom)."""
 
@@ -265,9 +276,14 @@ class _Run:
         self.family = self.model.family
         self.denoiser = self.model.denoiser
         self.device = self.denoiser.device
-        ds = dataclasses.replace(spec.dataset, flip=False, bucket_step=self.model.size_multiple)
+        ds = training_dataset(spec.dataset, self.model)
         self.flip = spec.dataset.flip
-        self.data = TrainingData(ds)
+        self.data = TrainingData(ds) if spec.data is None else spec.data
+        if self.data.spec != ds:
+            raise LycorisError(
+                "training spec: 'data' was not loaded from training_dataset(dataset, model); "
+                "leave it None and the loop loads 'dataset' itself"
+            )
         self.objective = Objective(self.model.pipe, self.family, spec.objective)
         model_id = _hash(self.model.source + denoiser_config_hash(self.denoiser))
         cache_dir = spec.dataset.cache_dir
@@ -531,14 +547,24 @@ def _loop(spec, run, net, noise_gen, start, on_step, should_stop, on_validation)
     final = snapshot("final")
     from ..io import write_safetensors
 
+    tensors, meta = _adapter_tensors(net, spec), _metadata(spec, run, step)
     if run.writes:
-        write_safetensors(run.output, _adapter_tensors(net, spec), _metadata(spec, run, step))
+        write_safetensors(run.output, tensors, meta)
     if run.dist is not None:
         run.dist.barrier()
     if run.writes and spec.validation_prompts and (not validation or validation[-1][0] != step):
         validation.append((step, _validate(spec, run, net, step)))
     logger.info("trained %d steps -> %s (checkpoint %s)", step, run.output, final.path)
-    return result(True, "completed", str(run.output))
+    done = result(True, "completed", str(run.output))
+    done.adapter = _as_adapter(tensors, meta, run.output) if run.writes else None
+    return done
+
+
+def _as_adapter(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> Adapter:
+    """The adapter just written to `path`, as ``load_adapter(path)`` reads it back."""
+    adapter = adapter_from_state_dict(dict(tensors), dict(meta), source=str(path))
+    adapter.path = str(path)
+    return adapter
 
 
 def _state_hash(net: Any) -> str:
