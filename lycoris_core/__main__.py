@@ -139,11 +139,19 @@ def _progress(desc: str, quiet: bool) -> tuple[Any, Any]:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import demo_base, run_demo
 
+    out = Path(args.out)
+    bar, on_step = _progress("teaching the tiny base shapes", quiet=False)
+    try:
+        demo_base(out, seed=args.seed, steps=args.base_steps, on_step=on_step)
+    finally:
+        bar.close()
     bar, on_step = _progress("training the demo", quiet=False)
     try:
-        summary = run_demo(Path(args.out), seed=args.seed, steps=args.steps, on_step=on_step)
+        summary = run_demo(
+            out, seed=args.seed, steps=args.steps, on_step=on_step, base_steps=args.base_steps
+        )
     finally:
         bar.close()
     print(summary)
@@ -297,12 +305,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable summary")
     p.set_defaults(func=_cmd_train)
 
+    from .demo import BASE_STEPS, DEMO_STEPS
+
     p = sub.add_parser(
         "demo", help="the main job: train the seed's config on a tiny Flux and show the result"
     )
     p.add_argument("--out", default="out", help="output folder (default: out)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=900, help="training steps (default 900)")
+    p.add_argument("--steps", type=int, default=DEMO_STEPS, help="LoKr training steps")
+    p.add_argument(
+        "--base-steps",
+        type=int,
+        default=BASE_STEPS,
+        help="steps teaching the random base shapes (first run only; reused after)",
+    )
     p.set_defaults(func=_cmd_demo)
     return parser
 

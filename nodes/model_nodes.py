@@ -38,7 +38,8 @@ class LoadDiffusersModel(LycorisNode):
     DESCRIPTION = (
         "Load a diffusers pipeline (SD1.x/2.x, SDXL, SD3, Flux) from ComfyUI's models/diffusers "
         "folder, a single .safetensors file with a diffusers config folder, or a built-in tiny "
-        "random demo model (random weights: for trying workflows, not for pictures)."
+        "demo model (a random denoiser for trying workflows; its VAE's latents are the picture "
+        "at half size, so decoded images show what the denoiser draws)."
     )
     RETURN_TYPES = (MODEL,)
     RETURN_NAMES = ("model",)
