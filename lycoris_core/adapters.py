@@ -55,7 +55,7 @@ class LayerAdapter:
 
     @property
     def label(self) -> str:
-        """The algorithm with its modifiers, e.g. ``lokr+dora``."""
+        """The algorithm name followed by its modifiers' labels (see ``algorithms.MODIFIERS``)."""
         return layer_label(self)
 
     def get(self, suffix: str) -> torch.Tensor | None:
@@ -75,12 +75,15 @@ class Adapter:
     path: str | None = None
     config: LycorisConfig | None = None
     _fingerprint: str = field(default="", repr=False)
+    _file_stat: tuple[int, int] | None = field(default=None, repr=False)
+    _content_key: str = field(default="", repr=False)
 
     @property
     def fingerprint(self) -> str:
-        """Content hash (sha256, 16 hex): of the file, or of the tensors when there is none."""
+        """Content hash (sha256, 16 hex): of the file, or of the tensors when there is none
+        (or when the file changed since it was read)."""
         if not self._fingerprint:
-            if self.path:
+            if self.path and self._file_unchanged():
                 self._fingerprint = file_fingerprint(self.path)
             else:
                 h = hashlib.sha256()
@@ -92,6 +95,24 @@ class Adapter:
                         )
                 self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
+
+    @property
+    def content_key(self) -> str:
+        """What decides this adapter's effect: its fingerprint and each layer's algorithm and
+        options (an adapter made in memory has no file whose hash covers its metadata)."""
+        if not self._content_key:
+            layers = [(n, la.algo, sorted(la.options.items())) for n, la in self.layers.items()]
+            digest = hashlib.sha256(repr(sorted(layers)).encode()).hexdigest()[:16]
+            self._content_key = f"{self.fingerprint}:{digest}"
+        return self._content_key
+
+    def _file_unchanged(self) -> bool:
+        if self._file_stat is None:
+            return True
+        try:
+            return _stat_of(self.path) == self._file_stat
+        except OSError:
+            return False
 
     @property
     def name(self) -> str:
@@ -249,9 +270,19 @@ def file_fingerprint(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def _stat_of(path: str | os.PathLike[str]) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
 def load_adapter(path: str | os.PathLike[str]) -> Adapter:
     """Read a LyCORIS/LoRA ``.safetensors`` file (pickle formats are refused)."""
+    try:
+        stat = _stat_of(path)  # before reading: a file rewritten meanwhile no longer matches
+    except OSError:
+        stat = None  # read_safetensors says what is wrong with the path
     tensors, metadata = read_safetensors(path)
     adapter = adapter_from_state_dict(tensors, metadata, source=str(path))
-    adapter.path = os.fspath(path)  # the content hash is computed when first asked for
+    adapter.path = os.fspath(path)  # the content hash is computed when first asked for,
+    adapter._file_stat = stat  # ... from the file while it is still the one that was read
     return adapter

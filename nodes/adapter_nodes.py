@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..lycoris_core import LycorisConfig, coverage, load_adapter
-from ..lycoris_core.config import ALGOS
+from ..lycoris_core.config import ALGOS, SEED_EXAMPLE, algo_supports
 from ..lycoris_core.errors import ConfigError
 from ..lycoris_core.io import write_safetensors
 from ..lycoris_core.report import describe, format_report
@@ -50,7 +50,7 @@ def config_from_widgets(
         "linear_dim": linear_dim,
         "linear_alpha": linear_alpha,
     }
-    if algo == "lokr":
+    if algo_supports(algo, "factor"):  # lycoris' SDK: the algorithms that read `factor`
         d["factor"] = factor
     d.update(_json_field(extra, "extra"))
     preset: dict[str, Any] = {}
@@ -96,7 +96,10 @@ class LycorisConfigNode(_ConfigNode):
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "algo": (list(ALGOS), {"default": "lokr", "tooltip": "The LyCORIS algorithm."}),
+                "algo": (
+                    list(ALGOS),
+                    {"default": SEED_EXAMPLE["algo"], "tooltip": "The LyCORIS algorithm."},
+                ),
                 "multiplier": (
                     "FLOAT",
                     {

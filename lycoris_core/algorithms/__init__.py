@@ -88,7 +88,7 @@ def detect(name: str, tensors: Mapping[str, torch.Tensor], config: Any = None) -
 
 
 def layer_label(layer: Layer) -> str:
-    """The layer's algorithm with its modifiers, e.g. ``lokr+dora``."""
+    """The layer's algorithm name followed by the labels of the modifiers it carries."""
     return layer.algo + "".join(m.label for m in MODIFIERS if m.present(layer.tensors))
 
 

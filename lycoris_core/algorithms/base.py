@@ -143,8 +143,8 @@ def shape_or_none(got: tuple[int, ...], weight: torch.Tensor) -> str | None:
 class LowRank(Algorithm):
     """Algorithms whose delta is rebuilt from factors and scaled by alpha/rank.
 
-    Their delta is linear in the strength; with a DoRA ``dora_scale`` beside them the
-    strength interpolates the magnitude rescale instead (see :mod:`.dora`).
+    Their delta is linear in the strength, unless a modifier (:attr:`Algorithm.modifiers`)
+    saved beside them takes the delta at strength 1 and applies the strength its own way.
     """
 
     scaled = True
