@@ -34,6 +34,9 @@ def _json_field(text: str, name: str) -> dict:
     return value
 
 
+_ALGO = SEED_EXAMPLE["algo"]  # the node's default: the seed's example
+
+
 def config_from_widgets(
     algo: str,
     multiplier: float,
@@ -96,10 +99,7 @@ class LycorisConfigNode(_ConfigNode):
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "algo": (
-                    list(ALGOS),
-                    {"default": SEED_EXAMPLE["algo"], "tooltip": "The LyCORIS algorithm."},
-                ),
+                "algo": (list(ALGOS), {"default": _ALGO, "tooltip": "The LyCORIS algorithm."}),
                 "multiplier": (
                     "FLOAT",
                     {
