@@ -636,6 +636,11 @@ def profile_merge(model: nn.Module, adapter: Any, repeats: int) -> dict[str, Any
         key = find(func, file_part)
         return 0.0 if key is None else stats[key][3] / repeats
 
+    def cum_all(func: str, file_part: str) -> float:
+        """Cumulative time of every function `func` in files matching `file_part`."""
+        keys = [k for k in stats if k[2] == func and file_part in k[0]]
+        return sum(stats[k][3] for k in keys) / repeats
+
     def own(func: str, file_part: str = "") -> float:
         key = find(func, file_part)
         return 0.0 if key is None else stats[key][2] / repeats
@@ -652,9 +657,11 @@ def profile_merge(model: nn.Module, adapter: Any, repeats: int) -> dict[str, Any
             "Patch.__init__ (bind + shape checks)": cum("__init__", "patching.py") * 1000,
             "  Adapter.bind": cum("bind", "adapters.py") * 1000,
             "Patch._merge": cum("_merge", "patching.py") * 1000,
-            "  algorithms.accumulate (build the merged weight)": cum("accumulate", "algorithms.py")
+            "  algorithms.accumulate (build the merged weight)": cum(
+                "accumulate", "algorithms/__init__.py"
+            )
             * 1000,
-            "    algorithms.delta (weight-dependent algorithms)": cum("delta", "algorithms.py")
+            "    <algorithm>.delta (weight-dependent algorithms)": cum_all("delta", "algorithms/")
             * 1000,
             "  _merge self (loop, swap in)": own("_merge", "patching.py") * 1000,
             "Patch.restore": cum("restore", "patching.py") * 1000,

@@ -6,7 +6,9 @@ prefix (``lycoris`` by default, or kohya's ``lora_unet``) plus the diffusers mod
 DyLoRA, T-LoRA and GLoRA details, from the ``lycoris_config`` metadata the seed's trainer
 writes). Files that lycoris' own ``create_lycoris_from_weights`` cannot reload (IA3,
 unbalanced LoKr, tucker conv LoKr) load here, because nothing is rebuilt through lycoris'
-module constructors: the exact math lives in :mod:`lycoris_core.algorithms`.
+module constructors. What each algorithm saves, how it is recognised and its exact math live
+in :mod:`lycoris_core.algorithms` (one object per algorithm, in a registry); this module
+only loops over that registry.
 """
 
 from __future__ import annotations
@@ -22,46 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .algorithms import REGISTRY, Algorithm, detect, layer_label
 from .config import LycorisConfig
 from .errors import AdapterFormatError, ConfigError
 from .io import read_safetensors
 
 logger = logging.getLogger(__name__)
-
-# suffixes each algorithm saves (lycoris 4.x module `weight_list`s)
-ALGO_SUFFIXES: dict[str, tuple[str, ...]] = {
-    "locon": ("lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha", "dora_scale"),
-    "loha": (
-        "hada_w1_a",
-        "hada_w1_b",
-        "hada_w2_a",
-        "hada_w2_b",
-        "hada_t1",
-        "hada_t2",
-        "alpha",
-        "dora_scale",
-    ),
-    "lokr": (
-        "lokr_w1",
-        "lokr_w1_a",
-        "lokr_w1_b",
-        "lokr_w2",
-        "lokr_w2_a",
-        "lokr_w2_b",
-        "lokr_t1",
-        "lokr_t2",
-        "alpha",
-        "dora_scale",
-    ),
-    "full": ("diff", "diff_b"),
-    "diag-oft": ("oft_blocks", "rescale", "alpha"),
-    "boft": ("oft_blocks", "rescale", "alpha"),
-    "ia3": ("weight", "on_input"),
-    "glora": ("a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight", "alpha"),
-    "tlora": ("q_layer.weight", "p_layer.weight", "lambda_layer", "alpha"),
-    "norm": ("w_norm", "b_norm"),
-}
-ALGO_SUFFIXES["dylora"] = ALGO_SUFFIXES["locon"]
 
 # prefixes recognised in front of the module path (the metadata's lora_prefix is tried first)
 KNOWN_PREFIXES = ("lycoris", "lora_unet", "lora_transformer", "lora")
@@ -82,30 +50,20 @@ class LayerAdapter:
         return None if a is None else float(a.float().item())
 
     @property
-    def has_dora(self) -> bool:
-        return "dora_scale" in self.tensors
+    def algorithm(self) -> Algorithm:
+        return REGISTRY[self.algo]
+
+    @property
+    def label(self) -> str:
+        """The algorithm name followed by its modifiers' labels (see ``algorithms.MODIFIERS``)."""
+        return layer_label(self)
 
     def get(self, suffix: str) -> torch.Tensor | None:
         return self.tensors.get(suffix)
 
     def rank(self) -> int | None:
         """The low-rank dimension lycoris divides alpha by, when the algorithm has one."""
-        t = self.tensors
-        if self.algo in ("locon", "dylora"):
-            return t["lora_down.weight"].shape[0]
-        if self.algo == "loha":
-            return t["hada_w1_b"].shape[0]
-        if self.algo == "lokr":
-            if "lokr_w1_a" in t:
-                return t["lokr_w1_a"].shape[1]
-            if "lokr_w2_a" in t:
-                return t["lokr_w2_a"].shape[1] if "lokr_t2" not in t else t["lokr_w2_a"].shape[0]
-            return None  # full matrices: scale 1
-        if self.algo == "glora":
-            return t["a2.weight"].shape[0]
-        if self.algo == "tlora":
-            return t["q_layer.weight"].shape[0]
-        return None
+        return self.algorithm.rank(self)
 
 
 @dataclass
@@ -117,12 +75,15 @@ class Adapter:
     path: str | None = None
     config: LycorisConfig | None = None
     _fingerprint: str = field(default="", repr=False)
+    _file_stat: tuple[int, int] | None = field(default=None, repr=False)
+    _content_key: str = field(default="", repr=False)
 
     @property
     def fingerprint(self) -> str:
-        """Content hash (sha256, 16 hex): of the file, or of the tensors when there is none."""
+        """Content hash (sha256, 16 hex): of the file, or of the tensors when there is none
+        (or when the file changed since it was read)."""
         if not self._fingerprint:
-            if self.path:
+            if self.path and self._file_unchanged():
                 self._fingerprint = file_fingerprint(self.path)
             else:
                 h = hashlib.sha256()
@@ -136,6 +97,24 @@ class Adapter:
         return self._fingerprint
 
     @property
+    def content_key(self) -> str:
+        """What decides this adapter's effect: its fingerprint and each layer's algorithm and
+        options (an adapter made in memory has no file whose hash covers its metadata)."""
+        if not self._content_key:
+            layers = [(n, la.algo, sorted(la.options.items())) for n, la in self.layers.items()]
+            digest = hashlib.sha256(repr(sorted(layers)).encode()).hexdigest()[:16]
+            self._content_key = f"{self.fingerprint}:{digest}"
+        return self._content_key
+
+    def _file_unchanged(self) -> bool:
+        if self._file_stat is None:
+            return True
+        try:
+            return _stat_of(self.path) == self._file_stat
+        except OSError:
+            return False
+
+    @property
     def name(self) -> str:
         return Path(self.path).name if self.path else "<adapter>"
 
@@ -147,7 +126,7 @@ class Adapter:
     def algorithms(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for layer in self.layers.values():
-            key = layer.algo + ("+dora" if layer.has_dora else "")
+            key = layer.label
             out[key] = out.get(key, 0) + 1
         return out
 
@@ -220,18 +199,13 @@ def _check_fits(name: str, layer: LayerAdapter, target: nn.Module, path: str) ->
             f"{name}: layer '{layer.name}' targets '{path}' ({type(target).__name__}), which "
             "has no weight to adapt"
         )
-    if layer.algo == "norm":
-        ok = isinstance(target, (nn.LayerNorm, nn.GroupNorm))
-    else:
-        ok = isinstance(target, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
-    if not ok:
+    algorithm = layer.algorithm
+    if not isinstance(target, algorithm.targets):
         raise AdapterFormatError(
             f"{name}: layer '{layer.name}' ({layer.algo}) cannot adapt '{path}' "
             f"({type(target).__name__})"
         )
-    from .algorithms import shape_mismatch
-
-    got = shape_mismatch(layer, weight)
+    got = algorithm.mismatch(layer, weight)
     if got is not None:
         raise AdapterFormatError(
             f"{name}: layer '{layer.name}' ({layer.algo}, {got}) does not fit '{path}' (weight "
@@ -240,43 +214,6 @@ def _check_fits(name: str, layer: LayerAdapter, target: nn.Module, path: str) ->
 
 
 # --------------------------------------------------------------------------- parsing
-
-
-def _detect(name: str, suffixes: dict[str, torch.Tensor]) -> str:
-    if "lora_up.weight" in suffixes:
-        return "locon"
-    if "hada_w1_a" in suffixes:
-        return "loha"
-    if "lokr_w1" in suffixes or "lokr_w1_a" in suffixes:
-        return "lokr"
-    if "diff" in suffixes:
-        return "full"
-    if "oft_blocks" in suffixes:
-        nd = suffixes["oft_blocks"].ndim
-        if nd == 3:
-            return "diag-oft"
-        if nd == 4:
-            return "boft"
-    if "on_input" in suffixes:
-        return "ia3"
-    if "a1.weight" in suffixes:
-        return "glora"
-    if "lambda_layer" in suffixes:
-        return "tlora"
-    if "w_norm" in suffixes:
-        return "norm"
-    raise AdapterFormatError(
-        f"layer '{name}' has tensors {sorted(suffixes)} that match no LyCORIS algorithm"
-    )
-
-
-_REQUIRED = {
-    "locon": ("lora_up.weight", "lora_down.weight"),
-    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
-    "glora": ("a1.weight", "a2.weight", "b1.weight", "b2.weight"),
-    "tlora": ("q_layer.weight", "p_layer.weight", "lambda_layer"),
-    "ia3": ("weight", "on_input"),
-}
 
 
 def _metadata_config(meta: dict[str, str], source: str) -> LycorisConfig | None:
@@ -288,22 +225,6 @@ def _metadata_config(meta: dict[str, str], source: str) -> LycorisConfig | None:
     except (json.JSONDecodeError, ConfigError, TypeError) as exc:
         logger.warning("%s: ignoring unreadable lycoris_config metadata: %s", source, exc)
         return None
-
-
-def _layer_options(algo: str, config: LycorisConfig | None) -> dict[str, Any]:
-    if config is None:
-        return {}
-    kw = config.keywords
-    if algo == "dylora":
-        return {"block_size": int(kw.get("block_size", 4))}
-    if algo == "glora":
-        return {"rs_lora": bool(kw.get("rs_lora", False))}
-    if algo == "tlora":
-        return {
-            "sig_type": kw.get("sig_type", "principal"),
-            "use_data_init": kw.get("use_data_init", True),
-        }
-    return {}
 
 
 def adapter_from_state_dict(
@@ -327,17 +248,16 @@ def adapter_from_state_dict(
     layers: dict[str, LayerAdapter] = {}
     for name, tensors in grouped.items():
         try:
-            algo = _detect(name, tensors)
+            algorithm = detect(name, tensors, config)
         except AdapterFormatError as exc:
             raise AdapterFormatError(f"{source}: {exc}") from None
-        if algo == "locon" and config is not None and config.algo == "dylora":
-            algo = "dylora"
-        unknown = sorted(set(tensors) - set(ALGO_SUFFIXES[algo]))
-        missing = [s for s in _REQUIRED.get(algo, ()) if s not in tensors]
+        unknown = sorted(set(tensors) - set(algorithm.all_suffixes))
+        missing = [s for s in algorithm.required if s not in tensors]
         if unknown or missing:
             what = f"unknown tensors {unknown}" if unknown else f"missing tensors {missing}"
-            raise AdapterFormatError(f"{source}: layer '{name}' ({algo}) has {what}")
-        layers[name] = LayerAdapter(name, algo, dict(tensors), _layer_options(algo, config))
+            raise AdapterFormatError(f"{source}: layer '{name}' ({algorithm.name}) has {what}")
+        options = {} if config is None else algorithm.options(config.keywords)
+        layers[name] = LayerAdapter(name, algorithm.name, dict(tensors), options)
     return Adapter(layers=layers, metadata=metadata, path=None, config=config)
 
 
@@ -350,9 +270,19 @@ def file_fingerprint(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def _stat_of(path: str | os.PathLike[str]) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
 def load_adapter(path: str | os.PathLike[str]) -> Adapter:
     """Read a LyCORIS/LoRA ``.safetensors`` file (pickle formats are refused)."""
+    try:
+        stat = _stat_of(path)  # before reading: a file rewritten meanwhile no longer matches
+    except OSError:
+        stat = None  # read_safetensors says what is wrong with the path
     tensors, metadata = read_safetensors(path)
     adapter = adapter_from_state_dict(tensors, metadata, source=str(path))
-    adapter.path = os.fspath(path)  # the content hash is computed when first asked for
+    adapter.path = os.fspath(path)  # the content hash is computed when first asked for,
+    adapter._file_stat = stat  # ... from the file while it is still the one that was read
     return adapter

@@ -26,41 +26,32 @@ import logging
 import math
 import os
 import re
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from lycoris.config import list_builtin_presets
+from lycoris.config_sdk import ALGO_REGISTRY, VALID_PRESET_KEYS, PresetConfig
 
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# The algorithms lycoris-lora 4.x `create_lycoris(algo=...)` accepts.
-ALGOS: tuple[str, ...] = (
-    "lora",
-    "locon",
-    "loha",
-    "lokr",
-    "dylora",
-    "glora",
-    "full",
-    "diag-oft",
-    "boft",
-    "ia3",
-    "tlora",
-)
+# The algorithms lycoris-lora 4.x `create_lycoris(algo=...)` accepts, as its SDK lists them.
+ALGOS: tuple[str, ...] = tuple(ALGO_REGISTRY)
+DEFAULT_ALGO = "lora"  # what create_lycoris uses when `algo` is not given
 
 # lycoris' built-in preset names for the top-level `preset` keyword. In the general wrapper
 # only their `enable_conv` (and ia3's name_algo_map) take effect.
-PRESET_NAMES: tuple[str, ...] = (
-    "full",
-    "full-lin",
-    "attn-mlp",
-    "attn-only",
-    "unet-only",
-    "unet-transformer-only",
-    "unet-convblock-only",
-    "ia3",
-)
+PRESET_NAMES: tuple[str, ...] = tuple(list_builtin_presets())
+
+
+def algo_supports(algo: str, keyword: str) -> bool:
+    """Whether lycoris' SDK lists `keyword` among the arguments algorithm `algo` reads."""
+    spec = ALGO_REGISTRY.get(algo)
+    return spec is not None and spec.supports(keyword)
+
 
 SIG_TYPES = ("principal", "last", "middle")
 
@@ -254,23 +245,18 @@ MAP_ENTRY_ALIASES: dict[str, str] = {
     "use_conv_cp": "use_tucker",
 }
 
-# Keys lycoris' `LycorisNetwork.apply_preset` accepts (lycoris.config_sdk.VALID_PRESET_KEYS).
-PRESET_LIST_KEYS = (
-    "target_module",
-    "target_name",
-    "exclude_name",
-    "unet_target_module",
-    "unet_target_name",
-    "text_encoder_target_module",
-    "text_encoder_target_name",
-)
-PRESET_KEYS: tuple[str, ...] = (
-    "enable_conv",
-    *PRESET_LIST_KEYS,
-    "module_algo_map",
-    "name_algo_map",
-    "lora_prefix",
-    "use_fnmatch",
+# Keys lycoris' `LycorisNetwork.apply_preset` accepts, and those among them that hold lists.
+PRESET_KEYS: tuple[str, ...] = VALID_PRESET_KEYS
+
+
+def _holds_list(hint: Any) -> bool:
+    return typing.get_origin(hint) is list or any(_holds_list(a) for a in typing.get_args(hint))
+
+
+PRESET_LIST_KEYS: tuple[str, ...] = tuple(
+    key
+    for key, hint in typing.get_type_hints(PresetConfig).items()
+    if key in PRESET_KEYS and _holds_list(hint)
 )
 
 # Keys that lycoris reads at the top level but that make no sense in a map entry, with the
@@ -436,7 +422,7 @@ class LycorisConfig:
     multiplier: float
     linear_alpha: float
     linear_dim: int | None = None
-    algo: str = "lora"
+    algo: str = DEFAULT_ALGO
     apply_preset: dict[str, Any] | None = None
     keywords: dict[str, Any] = field(default_factory=dict)
     source: str | None = field(default=None, compare=False, repr=False)
@@ -504,7 +490,7 @@ class LycorisConfig:
         multiplier = kw.pop("multiplier")
         linear_alpha = kw.pop("linear_alpha")
         linear_dim = kw.pop("linear_dim", None)
-        algo = kw.pop("algo", "lora")
+        algo = kw.pop("algo", DEFAULT_ALGO)
         return cls(
             multiplier=multiplier,
             linear_alpha=linear_alpha,

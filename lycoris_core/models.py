@@ -27,7 +27,7 @@ from .device import enable_tf32, place_pipeline, resolve_device, resolve_dtype
 from .errors import ModelLoadError
 from .families import FAMILIES, Family, detect_family, family_for_pipeline_class
 from .io import PICKLE_SUFFIXES, atomic_folder
-from .patching import Patch, patched
+from .patching import Patch, patch_key, patched
 
 logger = logging.getLogger(__name__)
 
@@ -151,17 +151,18 @@ class LoadedModel:
     ) -> Patch | None:
         """Make the denoiser carry exactly `adapters` (at their strengths) in `mode`.
 
-        The last set stays applied: calling again with the same adapters, strengths and mode
-        does nothing; a different set restores the base first. Returns the active patch.
+        The last set stays applied: calling again with the same adapter contents (also newly
+        loaded copies of the same file), strengths and mode does nothing, not even binding; a
+        different set restores the base first. Returns the active patch.
         """
         with self._lock:
             wanted = [(a, s) for a, s in adapters if s != 0.0]
             if not wanted:
                 self.restore_base()
                 return None
+            if self._patch is not None and self._patch.key == patch_key(wanted, mode):
+                return self._patch  # the same contents, strengths and mode: nothing to bind
             candidate = Patch(self.denoiser, wanted, mode=mode)
-            if self._patch is not None and self._patch.key == candidate.key:
-                return self._patch
             self.restore_base()
             candidate.apply()
             self._patch = candidate

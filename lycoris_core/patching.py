@@ -36,11 +36,31 @@ def _check_strength(adapter: Adapter, strength: object) -> float:
     return float(strength)
 
 
+PatchKey = tuple[tuple[tuple[str, float], ...], str]
+
+
+def patch_key(adapters: Sequence[tuple[Adapter, float]], mode: str = "merge") -> PatchKey:
+    """What identifies a set of adapters in a mode: each adapter's content and strength.
+
+    Computed without binding (cheap after the first call: the content hashes are kept on the
+    adapters), so a caller can tell that a set is already applied before building a Patch.
+    Raises for an unknown mode or a strength that is not a finite number.
+    """
+    _check_mode(mode)
+    return tuple((a.content_key, _check_strength(a, s)) for a, s in adapters), mode
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise LycorisError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+
+
 class Patch:
     """A set of (adapter, strength) pairs bound to a module, in one mode.
 
     ``apply()`` changes the module, ``restore()`` undoes it exactly. ``key`` identifies the
-    set (files, strengths, mode) so callers can keep a patch applied between calls.
+    set (:func:`patch_key`: contents, strengths, mode) so callers can keep a patch applied
+    between calls.
     """
 
     def __init__(
@@ -50,24 +70,26 @@ class Patch:
         mode: str = "merge",
         strict: bool = True,
     ) -> None:
-        if mode not in MODES:
-            raise LycorisError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        _check_mode(mode)
         self.module = module
         self.mode = mode
         self.plan: dict[str, list[tuple[LayerAdapter, float]]] = {}
-        keys = []
-        for adapter, strength in adapters:
-            s = _check_strength(adapter, strength)
-            # identity, not content: a Patch (or a cache holding one) keeps its adapters alive
-            keys.append((id(adapter), s))
+        self._adapters = [(adapter, _check_strength(adapter, s)) for adapter, s in adapters]
+        for adapter, s in self._adapters:
             if s == 0.0:
                 continue
             for path, layer in adapter.bind(module, strict=strict).items():
                 self.plan.setdefault(path, []).append((layer, s))
-        self.key = (tuple(keys), mode)
+        self._key: PatchKey | None = None
         self._backup: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self.applied = False
+
+    @property
+    def key(self) -> PatchKey:
+        if self._key is None:  # hashing contents only when a caller compares sets
+            self._key = patch_key(self._adapters, self.mode)
+        return self._key
 
     @property
     def num_layers(self) -> int:

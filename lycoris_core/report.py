@@ -8,7 +8,6 @@ from typing import Any
 from torch import nn
 
 from .adapters import Adapter, LayerAdapter
-from .algorithms import scale_of
 from .errors import AdapterFormatError
 
 _SHOWN_METADATA = 12
@@ -17,29 +16,13 @@ _SHOWN_METADATA = 12
 def describe_layer(layer: LayerAdapter) -> dict[str, Any]:
     """Algorithm, rank/factors, alpha and scale of one layer, JSON-friendly."""
     t = layer.tensors
-    info: dict[str, Any] = {"algo": layer.algo + ("+dora" if layer.has_dora else "")}
+    info: dict[str, Any] = {"algo": layer.label}
     rank = layer.rank()
     if rank is not None:
         info["rank"] = rank
     if layer.alpha is not None:
         info["alpha"] = layer.alpha
-    if layer.algo in ("locon", "dylora", "loha", "lokr", "glora", "tlora"):
-        info["scale"] = round(scale_of(layer), 6)
-    if layer.algo == "lokr":
-        w1 = t.get("lokr_w1")
-        w1_shape = (
-            list(w1.shape) if w1 is not None else [t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1]]
-        )
-        info["w1"] = w1_shape
-        info["w2"] = (
-            "full" if "lokr_w2" in t else "low-rank" + (" tucker" if "lokr_t2" in t else "")
-        )
-    if "lora_mid.weight" in t or "hada_t1" in t:
-        info["tucker"] = True
-    if layer.algo in ("diag-oft", "boft"):
-        blocks = t["oft_blocks"]
-        info["blocks"] = list(blocks.shape)
-        info["rescaled"] = "rescale" in t
+    info.update(layer.algorithm.describe(layer))
     info["params"] = sum(v.numel() for k, v in t.items() if k != "alpha")
     info["dtype"] = str(next(iter(t.values())).dtype).replace("torch.", "")
     return info

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..lycoris_core import LycorisConfig, coverage, load_adapter
-from ..lycoris_core.config import ALGOS
+from ..lycoris_core.config import ALGOS, SEED_EXAMPLE, algo_supports
 from ..lycoris_core.errors import ConfigError
 from ..lycoris_core.io import write_safetensors
 from ..lycoris_core.report import describe, format_report
@@ -39,6 +39,9 @@ def _json_field(text: str, name: str) -> dict:
     return value
 
 
+_ALGO = SEED_EXAMPLE["algo"]  # the node's default: the seed's example
+
+
 def config_from_widgets(
     algo: str,
     multiplier: float,
@@ -55,7 +58,7 @@ def config_from_widgets(
         "linear_dim": linear_dim,
         "linear_alpha": linear_alpha,
     }
-    if algo == "lokr":
+    if algo_supports(algo, "factor"):  # lycoris' SDK: the algorithms that read `factor`
         d["factor"] = factor
     d.update(_json_field(extra, "extra"))
     preset: dict[str, Any] = {}
@@ -101,7 +104,7 @@ class LycorisConfigNode(_ConfigNode):
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "algo": (list(ALGOS), {"default": "lokr", "tooltip": "The LyCORIS algorithm."}),
+                "algo": (list(ALGOS), {"default": _ALGO, "tooltip": "The LyCORIS algorithm."}),
                 "multiplier": (
                     "FLOAT",
                     {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from reference import (
@@ -16,9 +18,17 @@ from reference import (
     same_state,
     state,
 )
+from safetensors.torch import save_file
 
-from lycoris_core import LycorisError, create_network, load_adapter, patched
-from lycoris_core.patching import Patch
+from lycoris_core import (
+    LycorisError,
+    adapter_from_state_dict,
+    create_network,
+    load_adapter,
+    patched,
+)
+from lycoris_core.io import read_safetensors
+from lycoris_core.patching import Patch, patch_key
 
 FILES = {
     "lora": Case("lora", {"algo": "lora", "linear_dim": 4, "linear_alpha": 2.0}),
@@ -187,3 +197,28 @@ def test_patched_works_under_inference_mode(family_files):
                 assert rel_err(forward(model, inputs), base) > 1e-3
             assert torch.equal(forward(model, inputs), base)
     assert same_state(model, before)
+
+
+def test_patch_key_follows_contents(family_files, tmp_path):
+    """Keys compare what an adapter does, not which object holds it."""
+    _, _, adapters = family_files
+    lora = adapters["lora"]
+    tensors, metadata = read_safetensors(lora.path)
+    copy_path = tmp_path / "copy.safetensors"
+    save_file(tensors, str(copy_path), metadata)
+    assert patch_key([(load_adapter(copy_path), 0.5)]) == patch_key([(lora, 0.5)])
+    assert patch_key([(lora, 0.5)], "dynamic") != patch_key([(lora, 0.5)])
+    # a file rewritten after it was read: the old object keeps the key of what it holds
+    stale = load_adapter(copy_path)
+    doubled = {k: v * 2 if v.dim() > 1 else v for k, v in tensors.items()}
+    save_file(doubled, str(copy_path), {**metadata, "note": "rewritten"})
+    assert patch_key([(stale, 1.0)]) != patch_key([(load_adapter(copy_path), 1.0)])
+    # adapters made in memory: the same tensors with other options are another adapter
+    state_dict = {f"{n}.{k}": t for n, la in lora.layers.items() for k, t in la.tensors.items()}
+    plain = adapter_from_state_dict(state_dict)
+    options = adapter_from_state_dict(state_dict, {"lycoris_config": metadata["lycoris_config"]})
+    dylora = dict(json.loads(metadata["lycoris_config"]), algo="dylora", block_size=2)
+    other = adapter_from_state_dict(state_dict, {"lycoris_config": json.dumps(dylora)})
+    assert plain.fingerprint == other.fingerprint  # the tensors are the same ...
+    assert patch_key([(plain, 1.0)]) == patch_key([(options, 1.0)])
+    assert patch_key([(plain, 1.0)]) != patch_key([(other, 1.0)])  # ... their effect is not

@@ -9,7 +9,7 @@ import torch
 from reference import Case, case_config, randomize, same_state, state
 from safetensors.torch import save_file
 
-from lycoris_core import AdapterFormatError, LycorisError, create_network, load_adapter
+from lycoris_core import Adapter, AdapterFormatError, LycorisError, create_network, load_adapter
 from lycoris_core.errors import ModelLoadError
 from lycoris_core.models import LoadedModel, load_model, save_merged
 from lycoris_core.sampling import SamplingCancelled, sample
@@ -77,6 +77,40 @@ def test_patch_is_kept_between_calls_with_the_same_set(tiny):
     assert model.active_patch is not first and not first.applied
     sample(model, [], **ARGS)
     assert model.active_patch is None
+
+
+def test_an_unchanged_set_is_not_bound_again(tiny, monkeypatch):
+    """The patch cache's key is computed before binding: an unchanged set binds nothing."""
+    _, models, adapters = tiny
+    model = models["flux"]
+    lora = adapters["flux"]["lora"]
+    bound: list[str] = []
+    real_bind = Adapter.bind
+
+    def counting_bind(self, module, strict=True):
+        bound.append(self.name)
+        return real_bind(self, module, strict=strict)
+
+    monkeypatch.setattr(Adapter, "bind", counting_bind)
+    model.restore_base()
+    base = sample(model, **ARGS)
+    first = sample(model, [(lora, 0.7)], **ARGS)
+    assert len(bound) == 1
+    again = sample(model, [(lora, 0.7)], **ARGS)
+    reloaded = sample(model, [(load_adapter(lora.path), 0.7)], **ARGS)  # same file, new object
+    assert len(bound) == 1  # cached: neither call bound the set again
+    stronger = sample(model, [(lora, 0.8)], **ARGS)
+    assert len(bound) == 2  # a changed strength binds
+    dynamic = sample(model, [(lora, 0.8)], mode="dynamic", **ARGS)
+    assert len(bound) == 3  # so does a changed mode
+    model.restore_base()
+    fresh = sample(model, [(lora, 0.7)], **ARGS)  # no cache: bound and merged anew
+    assert len(bound) == 4
+    assert (first - base).abs().max() > 1e-3  # the adapter has an effect
+    assert (stronger - first).abs().max() > 1e-4
+    for cached in (again, reloaded):
+        assert (cached - fresh).abs().max() < 1e-5
+    assert (dynamic - stronger).abs().max() < 1e-4
 
 
 def test_alternating_strengths_never_drift(tiny):
