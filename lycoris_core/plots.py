@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image, ImageDraw
 
-from .training.progress import smooth  # the smoothing training streams as smoothed_loss
+from .smoothing import smooth  # the smoothing training streams as smoothed_loss
 
 BACKGROUND = (250, 250, 250)
 AXIS = (60, 60, 60)

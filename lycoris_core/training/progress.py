@@ -5,41 +5,18 @@
 the optimizer, LR schedule and RNG states. Its ``state_dict`` holds only numbers, lists and
 tensors: it reads back with ``torch.load(weights_only=True)``, which cannot run code.
 
-:func:`smooth` / :class:`LossSmoother` are the one loss smoothing of the project: the
-``smoothed_loss`` streamed to ``on_step`` (live chart, status line) and the dark curve of the
-loss-curve image (``plots.loss_curve_image``) are both computed by it.
+``Progress.record`` returns the smoothed loss of :mod:`lycoris_core.smoothing`, the function
+the loss-curve image uses; after a resume the smoother replays the loss history.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-SMOOTHING = 0.9  # weight of the past in the exponential moving average
-
-
-class LossSmoother:
-    """Bias-corrected exponential moving average (the first value is returned as is)."""
-
-    def __init__(self, beta: float = SMOOTHING) -> None:
-        self.beta = beta
-        self.average = 0.0
-        self.count = 0
-
-    def update(self, value: float) -> float:
-        """Add one value; return the smoothed value up to and including it."""
-        self.count += 1
-        self.average = self.beta * self.average + (1 - self.beta) * value
-        return self.average / (1 - self.beta**self.count)
-
-
-def smooth(values: Iterable[float], beta: float = SMOOTHING) -> list[float]:
-    """The smoothed value after each of `values` (what training streams as `smoothed_loss`)."""
-    smoother = LossSmoother(beta)
-    return [smoother.update(v) for v in values]
+from ..smoothing import LossSmoother
 
 
 @dataclass
