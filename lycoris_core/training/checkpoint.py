@@ -159,11 +159,22 @@ def resolve_resume(path: str | os.PathLike[str]) -> Checkpoint:
         found = list_checkpoints(folder)
         if found:
             return found[-1]
+    old = [f for f in (p, *p.glob("step-*"), *checkpoints_dir(p).glob("step-*")) if _legacy(f)]
+    if old:
+        raise CheckpointError(
+            f"{old[-1]}: written by an earlier version (a single state.pt, before the state/ "
+            "folder of accelerate); it cannot be resumed. Its adapter.safetensors loads as "
+            "usual; start a new run (without resume) to continue training"
+        )
     raise CheckpointError(
         f"{p}: no complete checkpoint found (looked for step-NNNNNN folders with "
         f"{STATE_DIR}/{PROGRESS_FILE} in {p} and {checkpoints_dir(p)}); pass a "
         "checkpoint folder, the checkpoints folder of a run, or the run's output .safetensors path"
     )
+
+
+def _legacy(folder: Path) -> bool:
+    return (folder / "state.pt").is_file() and not (folder / STATE_DIR).is_dir()
 
 
 def load_state(checkpoint: Checkpoint) -> dict[str, Any]:

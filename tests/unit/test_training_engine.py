@@ -109,3 +109,16 @@ def test_flux_sigmas_follow_the_schedulers_time_shift_type(flux, shift_type):
     expected, other = (linear, exponential) if shift_type == "linear" else (exponential, linear)
     assert torch.allclose(sigmas, expected, atol=1e-6)
     assert not torch.allclose(sigmas, other, atol=1e-3)
+
+
+def test_a_checkpoint_of_the_earlier_layout_is_named_as_such(tmp_path):
+    from lycoris_core.training.checkpoint import CheckpointError
+
+    step = tmp_path / "run-checkpoints" / "step-000004"
+    step.mkdir(parents=True)
+    torch.save({"step": 4}, step / "state.pt")
+    (step / "adapter.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="earlier version.*state.pt"):
+        resolve_resume(tmp_path / "run.safetensors")
+    with pytest.raises(CheckpointError, match="no complete checkpoint found"):
+        resolve_resume(tmp_path / "other.safetensors")
