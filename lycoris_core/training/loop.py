@@ -113,7 +113,7 @@ class _Loop:
                 f"{ckpt.path}: written by {0 if states is None else len(states)} process(es), "
                 f"resumed by {self.engine.world}; resume with as many processes as wrote it"
             )
-        self.noise.set_state(states[rank])
+        self.noise.set_state(states[rank].clone())  # a row of its own (no storage offset)
         self.last_good = ckpt
         logger.info("resumed from %s at step %d", ckpt.path, self.progress.step)
 

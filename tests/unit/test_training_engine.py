@@ -118,7 +118,7 @@ def test_a_checkpoint_of_the_earlier_layout_is_named_as_such(tmp_path):
     step.mkdir(parents=True)
     torch.save({"step": 4}, step / "state.pt")
     (step / "adapter.safetensors").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="earlier version.*state.pt"):
+    with pytest.raises(CheckpointError, match=r"earlier version.*state\.pt"):
         resolve_resume(tmp_path / "run.safetensors")
     with pytest.raises(CheckpointError, match="no complete checkpoint found"):
         resolve_resume(tmp_path / "other.safetensors")
