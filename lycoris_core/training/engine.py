@@ -31,6 +31,7 @@ from .checkpoint import (
     begin_checkpoint,
     checkpoint_at,
     finish_checkpoint,
+    load_state,
     staging_state,
 )
 from .progress import Progress
@@ -162,6 +163,9 @@ class Engine:
 
     def load(self, ckpt: Checkpoint) -> None:
         """Restore network, optimizer, schedule, scaler, RNG states and progress."""
+        # accelerate unpickles registered objects in full; the progress file must first read
+        # back with weights_only=True (plain data), so a foreign checkpoint cannot run code
+        load_state(ckpt)
         try:
             self.accelerator.load_state(str(ckpt.state))
         except (OSError, RuntimeError, ValueError, KeyError) as exc:

@@ -122,3 +122,28 @@ def test_a_checkpoint_of_the_earlier_layout_is_named_as_such(tmp_path):
         resolve_resume(tmp_path / "run.safetensors")
     with pytest.raises(CheckpointError, match="no complete checkpoint found"):
         resolve_resume(tmp_path / "other.safetensors")
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))  # creates the marker file when unpickled
+
+
+def test_resume_refuses_a_progress_file_that_is_not_plain_data(flux, tmp_path):
+    import pickle
+
+    from lycoris_core.training.checkpoint import CheckpointError
+
+    model, data = flux
+    step = tmp_path / "run-checkpoints" / "step-000001"
+    (step / "state").mkdir(parents=True)
+    marker = tmp_path / "ran"
+    (step / "state" / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_Payload(marker)))
+    (step / "adapter.safetensors").write_bytes(b"")
+    out = tmp_path / "run.safetensors"
+    with pytest.raises(CheckpointError, match=r"custom_checkpoint_0\.pkl: cannot be read"):
+        train(spec(model, data, out, resume=str(out)))
+    assert not marker.exists()
