@@ -186,7 +186,7 @@ def make_data(folder: Path, cfg: dict[str, Any]) -> Path:
 @contextlib.contextmanager
 def no_feature_cache() -> Iterator[None]:
     """The loop's feature caches never store: latents and text are encoded every step."""
-    from lycoris_core.training import loop
+    from lycoris_core.training import session
     from lycoris_core.training.dataset import FeatureCache
 
     class NoCache(FeatureCache):
@@ -194,12 +194,12 @@ def no_feature_cache() -> Iterator[None]:
             self.misses += 1
             return compute()
 
-    saved = loop.FeatureCache
-    loop.FeatureCache = NoCache
+    saved = session.FeatureCache
+    session.FeatureCache = NoCache
     try:
         yield
     finally:
-        loop.FeatureCache = saved
+        session.FeatureCache = saved
 
 
 @contextlib.contextmanager
@@ -458,7 +458,9 @@ def profile_sections(prof: cProfile.Profile, steps: int, step_s: list[float]) ->
         return (max(values) if largest else sum(values)) / steps * 1000
 
     parts = {
-        "data/features (ours: encode_batch, cache lookups + stack)": cum("encode_batch", "loop.py"),
+        "data/features (ours: encode_batch, cache lookups + stack)": cum(
+            "encode_batch", "session.py"
+        ),
         "transformer forward": cum("forward", "transformer_flux.py", largest=True),
         "backward": cum("backward", "_tensor.py"),
         "clip_grad_norm_": cum("clip_grad_norm_", "clip_grad.py"),

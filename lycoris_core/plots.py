@@ -8,19 +8,12 @@ from collections.abc import Sequence
 import torch
 from PIL import Image, ImageDraw
 
+from .smoothing import smooth  # the smoothing training streams as smoothed_loss
+
 BACKGROUND = (250, 250, 250)
 AXIS = (60, 60, 60)
 RAW = (170, 190, 225)
 SMOOTH = (25, 80, 180)
-
-
-def smooth(values: Sequence[float], beta: float = 0.9) -> list[float]:
-    """Bias-corrected exponential moving average (like the training status line)."""
-    out, avg = [], 0.0
-    for i, v in enumerate(values, start=1):
-        avg = beta * avg + (1 - beta) * v
-        out.append(avg / (1 - beta**i))
-    return out
 
 
 def _nice_ticks(lo: float, hi: float, count: int = 4) -> list[float]:

@@ -2,7 +2,9 @@
 
 Reads top to bottom: load the model, build the LyCORIS network from the config, then for each
 step draw a batch (same-bucket items, deterministic order), encode it (cached latents and text
-embeddings), compute the family's loss, step the optimizer, report, checkpoint, validate.
+embeddings), compute the family's loss, step the optimizer, report, checkpoint, validate. One
+``accelerate.Accelerator`` (``engine.py``) does autocast, loss scaling, accumulation, clipping,
+DDP and the checkpoint state, in a single process as under ``accelerate launch``.
 
 Safety: the first non-finite loss or gradient raises :class:`TrainingAborted` (naming the step
 and the last good checkpoint); ``should_stop()`` saves a resumable checkpoint and returns a
@@ -13,14 +15,11 @@ model is left as it was. Runs outside ``torch.inference_mode`` even when called 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
-import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,192 +28,265 @@ import torch
 from ..adapters import Adapter, adapter_from_state_dict
 from ..config import LycorisConfig
 from ..device import training_attention
-from ..errors import LycorisError
-from ..families import require_trainable
-from ..models import LoadedModel, as_normal_tensors, load_model
 from ..targeting import create_network
-from .checkpoint import (
-    Checkpoint,
-    checkpoints_dir,
-    load_state,
-    resolve_resume,
-    save_checkpoint,
-)
-from .dataset import DatasetSpec, FeatureCache, TrainingData
-from .metadata import adapter_metadata, denoiser_config_hash
-from .objectives import Objective, ObjectiveOptions
+from .checkpoint import Checkpoint, CheckpointError, resolve_resume
+from .engine import Engine
 from .optim import build_optimizer, build_scheduler
+from .progress import Progress
+from .session import Session
+from .spec import (
+    PRECISIONS,
+    TrainingAborted,
+    TrainResult,
+    TrainSpec,
+    TrainStepInfo,
+    training_dataset,
+)
+from .validation import validation_images
+
+__all__ = [
+    "PRECISIONS",
+    "TrainResult",
+    "TrainSpec",
+    "TrainStepInfo",
+    "TrainingAborted",
+    "train",
+    "training_dataset",
+]
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("no", "fp16", "bf16")
-SMOOTHING = 0.9
+StepCallback = Callable[[TrainStepInfo], None]
+StopCheck = Callable[[], bool]
+ValidationCallback = Callable[[int, torch.Tensor], None]
 
 
-class TrainingAborted(LycorisError):
-    """Training stopped on a non-finite loss or gradient."""
+def train(
+    spec: TrainSpec,
+    on_step: StepCallback | None = None,
+    should_stop: StopCheck | None = None,
+    on_validation: ValidationCallback | None = None,
+) -> TrainResult:
+    """Train a LyCORIS adapter; see the module docstring for the safety guarantees.
+
+    ``on_validation(step, images)`` receives each set of validation images as it is made.
+    """
+    spec.validate()
+    with torch.inference_mode(False), torch.enable_grad():
+        session = Session(spec)
+        start = time.perf_counter()
+        torch.manual_seed(spec.seed)
+        random.seed(spec.seed)
+        denoiser = session.denoiser
+        denoiser.requires_grad_(False)
+        net = create_network(denoiser, spec.config)
+        try:
+            loop = _Loop(session, net, start, on_step, should_stop, on_validation)
+            return loop.run()
+        finally:
+            net.restore()
+            denoiser.eval()
+            if spec.gradient_checkpointing and hasattr(denoiser, "disable_gradient_checkpointing"):
+                denoiser.disable_gradient_checkpointing()
 
 
-@dataclass
-class TrainSpec:
-    """Everything a training run needs. `base` is a pipeline folder/file or a loaded model."""
+class _Loop:
+    """One run's optimizer steps, checkpoints and reports (the state lives in `progress`)."""
 
-    base: str | LoadedModel
-    config: LycorisConfig
-    dataset: DatasetSpec
-    output: str  # the adapter file to write (.safetensors)
-    steps: int = 100
-    batch_size: int = 1
-    lr: float = 1e-4
-    optimizer: str = "adamw"
-    scheduler: str = "constant"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_accum: int = 1
-    max_grad_norm: float | None = 1.0
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    save_every: int = 0
-    validation_prompts: list[str] = field(default_factory=list)
-    validation_every: int = 0
-    validation_lycoris_strength: float = 1.0
-    validation_steps: int = 20
-    validation_seed: int = 0
-    seed: int = 0
-    resume: str | None = None
-    objective: ObjectiveOptions = field(default_factory=ObjectiveOptions)
-    save_dtype: str = "fp32"
-    config_dir: str | None = None  # for a single-file `base`
-    # `dataset` already loaded as the loop reads it (see `training_dataset`), or None
-    data: TrainingData | None = field(default=None, repr=False, compare=False)
-
-    def validate(self) -> None:
-        def need(ok: bool, what: str) -> None:
-            if not ok:
-                raise LycorisError(f"training spec: {what}")
-
-        need(
-            isinstance(self.steps, int) and self.steps >= 1,
-            f"steps must be >= 1, got {self.steps!r}",
+    def __init__(
+        self,
+        session: Session,
+        net: Any,
+        start: float,
+        on_step: StepCallback | None,
+        should_stop: StopCheck | None,
+        on_validation: ValidationCallback | None,
+    ):
+        spec = self.spec = session.spec
+        self.session, self.net, self.start = session, net, start
+        self.on_step, self.should_stop, self.on_validation = on_step, should_stop, on_validation
+        net.requires_grad_(True)
+        self.params = [p for p in net.parameters() if p.requires_grad]
+        optimizer = build_optimizer(spec.optimizer, self.params, spec.lr, spec.weight_decay)
+        scheduler = build_scheduler(spec.scheduler, optimizer, spec.steps, spec.warmup_steps)
+        self.progress = Progress()
+        self.engine = Engine(
+            session.accelerator, session.denoiser, net, optimizer, scheduler, self.progress
         )
-        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
-        need(math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(
-            self.mixed_precision in PRECISIONS,
-            f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}",
+        session.objective.forward = self.engine.model
+        self.noise = torch.Generator().manual_seed(spec.seed + 1_000_003 * self.engine.rank)
+        self.checkpoints: list[str] = []
+        self.validation: list[tuple[int, torch.Tensor]] = []
+        self.last_good: Checkpoint | None = None
+        self.ff_advice = _feeds_forward(spec.config)
+        if spec.resume:
+            self._resume(resolve_resume(spec.resume))
+
+    def _resume(self, ckpt: Checkpoint) -> None:
+        self.engine.load(ckpt)
+        states, rank = self.progress.noise_states, self.engine.rank
+        if states is None or rank >= len(states):
+            raise CheckpointError(
+                f"{ckpt.path}: written by {0 if states is None else len(states)} process(es), "
+                f"resumed by {self.engine.world}; resume with as many processes as wrote it"
+            )
+        self.noise.set_state(states[rank].clone())  # a row of its own (no storage offset)
+        self.last_good = ckpt
+        logger.info("resumed from %s at step %d", ckpt.path, self.progress.step)
+
+    def run(self) -> TrainResult:
+        spec, progress, denoiser = self.spec, self.progress, self.session.denoiser
+        if spec.gradient_checkpointing and hasattr(denoiser, "enable_gradient_checkpointing"):
+            denoiser.enable_gradient_checkpointing()
+        denoiser.train(spec.gradient_checkpointing)
+        self.net.train()
+        order = self.session.order(progress.epoch)
+        t_first, first_step = time.perf_counter(), progress.step
+        while progress.step < spec.steps:
+            order, loss = self._optimizer_step(order)
+            smoothed = progress.record(loss)
+            elapsed = time.perf_counter() - t_first
+            rate = (progress.step - first_step) / elapsed if elapsed > 0 else 0.0
+            info = TrainStepInfo(
+                step=progress.step,
+                total=spec.steps,
+                loss=loss,
+                smoothed_loss=smoothed,
+                lr=self.engine.scheduler.get_last_lr()[0],
+                it_per_s=rate,
+                eta=(spec.steps - progress.step) / rate if rate > 0 else 0.0,
+                peak_memory=_peak_memory(self.session.device),
+            )
+            periodic = spec.save_every and progress.step % spec.save_every == 0
+            if periodic and progress.step < spec.steps:
+                self._snapshot("periodic")
+            if spec.validation_every and progress.step % spec.validation_every == 0:
+                self._validate()
+            try:
+                if self.on_step is not None:
+                    self.on_step(info)
+            except BaseException:
+                self._snapshot("interrupted")
+                raise
+            if self.should_stop is not None and progress.step < spec.steps and self.should_stop():
+                ckpt = self._snapshot("cancelled")
+                return self._result(False, "cancelled", str(ckpt.adapter))
+        return self._finish()
+
+    def _optimizer_step(self, order: list[list[int]]) -> tuple[list[list[int]], float]:
+        """Accumulate `grad_accum` batches, clip, step; returns the order and the mean loss."""
+        spec, progress, session = self.spec, self.progress, self.session
+        accelerator = self.engine.accelerator
+        step_loss = 0.0
+        for _ in range(spec.grad_accum):
+            if progress.position >= len(order):
+                progress.epoch, progress.position = progress.epoch + 1, 0
+                order = session.order(progress.epoch)
+            batch = order[progress.position]
+            progress.position += 1
+            rngs = [
+                random.Random(f"{spec.seed}:{progress.epoch}:{progress.position}:{j}")
+                for j in range(len(batch))
+            ]
+            latents, cond = session.encode_batch(batch, rngs)
+            # forward and backward (where gradient checkpointing recomputes the forward)
+            with accelerator.accumulate(self.engine.model), training_attention(session.device):
+                with accelerator.autocast():
+                    loss = session.objective.loss(latents, cond, self.noise)
+                if not torch.isfinite(loss):
+                    raise self._aborted("loss", loss.item())
+                accelerator.backward(loss)  # divided by grad_accum, scaled for fp16 on CUDA
+            step_loss += loss.item() / spec.grad_accum
+        norm = accelerator.clip_grad_norm_(self.params, spec.max_grad_norm or float("inf"))
+        if not torch.isfinite(norm) and accelerator.scaler is None:  # the scaler skips it
+            raise self._aborted("gradient", norm.item())
+        self.engine.optimizer.step()
+        self.engine.scheduler.step()
+        self.engine.optimizer.zero_grad(set_to_none=True)
+        return order, step_loss
+
+    def _snapshot(self, kind: str) -> Checkpoint:
+        progress, engine, session = self.progress, self.engine, self.session
+        progress.kind = kind
+        progress.noise_states = engine.gather_state(self.noise)
+        main = engine.is_main  # only the main process writes the adapter and the spec
+        ckpt = engine.save(
+            session.ckpt_dir,
+            progress.step,
+            self._adapter_tensors() if main else {},
+            session.metadata(progress.step) if main else {},
+            self.spec.to_dict(),
         )
-        need(
-            self.save_every >= 0 and self.validation_every >= 0, "save_every/validation_every >= 0"
+        if main:
+            self.checkpoints.append(str(ckpt.path))
+        self.last_good = ckpt
+        return ckpt
+
+    def _validate(self) -> None:
+        if not (self.engine.is_main and self.spec.validation_prompts):
+            return
+        step = self.progress.step
+        self.validation.append((step, validation_images(self.session, self.net, step)))
+        if self.on_validation is not None:
+            self.on_validation(*self.validation[-1])
+
+    def _finish(self) -> TrainResult:
+        from ..io import write_safetensors
+
+        session, step = self.session, self.progress.step
+        final = self._snapshot("final")
+        tensors, meta = self._adapter_tensors(), session.metadata(step)
+        if self.engine.is_main:
+            write_safetensors(session.output, tensors, meta)
+        self.engine.barrier()
+        last = self.validation[-1][0] if self.validation else None
+        if self.engine.is_main and self.spec.validation_prompts and last != step:
+            self.validation.append((step, validation_images(session, self.net, step)))
+        logger.info("trained %d steps -> %s (checkpoint %s)", step, session.output, final.path)
+        done = self._result(True, "completed", str(session.output))
+        if self.engine.is_main:
+            done.adapter = _as_adapter(tensors, meta, session.output)
+        return done
+
+    def _result(self, completed: bool, reason: str, path: str | None) -> TrainResult:
+        return TrainResult(
+            adapter_path=path,
+            steps_done=self.progress.step,
+            total_steps=self.spec.steps,
+            completed=completed,
+            stopped_reason=reason,
+            losses=self.progress.losses,
+            checkpoints=self.checkpoints,
+            validation=self.validation,
+            seconds=time.perf_counter() - self.start,
+            layers=len(self.net.loras),
+            network_sha256=_state_hash(self.net),
         )
-        need(
-            self.save_dtype in ("fp32", "fp16", "bf16"),
-            f"save_dtype must be fp32, fp16 or bf16, got {self.save_dtype!r}",
+
+    def _adapter_tensors(self) -> dict[str, torch.Tensor]:
+        dtype = _SAVE_DTYPES[self.spec.save_dtype]
+        return {k: v.detach().to("cpu", dtype) for k, v in self.net.state_dict().items()}
+
+    def _aborted(self, what: str, value: float) -> TrainingAborted:
+        step, last_good = self.progress.step + 1, self.last_good
+        where = (
+            f"the last good checkpoint is {last_good.path}"
+            if last_good
+            else "no checkpoint was saved yet (set save_every to keep one)"
         )
-        need(
-            str(self.output).endswith(".safetensors"),
-            f"output must be a .safetensors path, got {self.output!r}",
+        advice = (
+            " The config trains FeedForward modules: on SDXL, training the FeedForward blocks is "
+            "known to go to NaN (the seed's warning); remove 'FeedForward' from "
+            "apply_preset.target_module and train only the Attention blocks."
+            if self.ff_advice
+            else " Lower the learning rate, or use bf16 instead of fp16."
         )
-        need(
-            math.isfinite(self.validation_lycoris_strength),
-            "validation_lycoris_strength must be a finite number",
+        return TrainingAborted(
+            f"non-finite {what} ({value}) at step {step}; training stopped; {where}.{advice}"
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        out = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name == "data":
-                continue
-            if f.name == "base":
-                value = value.source if isinstance(value, LoadedModel) else str(value)
-            elif f.name == "config":
-                value = value.to_dict()
-            elif f.name == "dataset":
-                value = {  # settings, not the in-memory pixels
-                    **value.settings(),
-                    "folder": value.folder,
-                    "captions": list(value.captions) if value.captions else None,
-                    "skip_bad": value.skip_bad,
-                    "cache_dir": value.cache_dir,
-                }
-            elif dataclasses.is_dataclass(value):
-                value = dataclasses.asdict(value)
-            out[f.name] = value
-        return out
 
-
-@dataclass(frozen=True)
-class TrainStepInfo:
-    """What ``on_step`` receives after each optimizer step."""
-
-    step: int
-    total: int
-    loss: float
-    smoothed_loss: float
-    lr: float
-    it_per_s: float
-    eta: float  # seconds
-    peak_memory: int  # bytes (CUDA peak allocated, else process max RSS)
-
-
-@dataclass
-class TrainResult:
-    adapter_path: str | None
-    steps_done: int
-    total_steps: int
-    completed: bool
-    stopped_reason: str
-    losses: list[float]
-    checkpoints: list[str]
-    validation: list[tuple[int, torch.Tensor]]
-    seconds: float
-    layers: int
-    network_sha256: str = ""  # of the trained weights (equal on every rank when distributed)
-    adapter: Adapter | None = None  # the file written at the end, in memory (None: cancelled)
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-class _Distributed:
-    """Several processes under ``accelerate launch``/``torchrun``: accelerate's DDP does the
-    gradient averaging; each rank draws its own share of the batches; rank 0 writes files."""
-
-    def __init__(self) -> None:
-        from accelerate import Accelerator
-
-        # without a GPU, accelerate only forms a multi-process (gloo) group when told cpu=True
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
-        self.rank = self.accelerator.process_index
-        self.world = self.accelerator.num_processes
-        self.is_main = self.accelerator.is_main_process
-
-    @staticmethod
-    def from_env() -> _Distributed | None:
-        import os
-
-        return _Distributed() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
-
-    def wrap(self, denoiser: torch.nn.Module, net: torch.nn.Module) -> Any:
-        """A DDP module whose forward is the denoiser's and whose parameters are the network's."""
-        return self.accelerator.prepare(_Trainable(denoiser, net))
-
-    def barrier(self) -> None:
-        self.accelerator.wait_for_everyone()
-
-
-class _Trainable(torch.nn.Module):
-    """Denoiser + LyCORIS network as one module (DDP needs the trainable parameters inside
-    the module whose forward it runs; lycoris keeps its modules outside the denoiser)."""
-
-    def __init__(self, denoiser: torch.nn.Module, net: torch.nn.Module):
-        super().__init__()
-        self.denoiser = denoiser
-        self.net = net
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.denoiser(*args, **kwargs)
+_SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -228,22 +300,12 @@ def _peak_memory(device: torch.device) -> int:
         return 0
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+def _state_hash(net: Any) -> str:
+    h = hashlib.sha256()
+    for key, tensor in sorted(net.state_dict().items()):
+        h.update(key.encode())
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _feeds_forward(config: LycorisConfig) -> bool:
@@ -253,415 +315,8 @@ def _feeds_forward(config: LycorisConfig) -> bool:
     return any("feedforward" in t.lower() or "mlp" in t.lower() for t in targets) or ("ff" in names)
 
 
-def training_dataset(dataset: DatasetSpec, model: LoadedModel) -> DatasetSpec:
-    """`dataset` as the loop reads it: the model's bucket step; flips are drawn per sample."""
-    return dataclasses.replace(dataset, flip=False, bucket_step=model.size_multiple)
-
-
-class _Run:
-    """State of one training run (kept small: the loop in `train` reads top to bottom)."""
-
-    def __init__(self, spec: TrainSpec):
-        self.spec = spec
-        self.dist = _Distributed.from_env()
-        device = self.dist.accelerator.device if self.dist else "auto"
-        self.model = (
-            spec.base
-            if isinstance(spec.base, LoadedModel)
-            else load_model(spec.base, config_dir=spec.config_dir, device=device)
-        )
-        require_trainable(self.model.family)
-        self.model.restore_base()
-        as_normal_tensors(self.model.denoiser)  # weights loaded under inference_mode
-        self.family = self.model.family
-        self.denoiser = self.model.denoiser
-        self.device = self.denoiser.device
-        ds = training_dataset(spec.dataset, self.model)
-        self.flip = spec.dataset.flip
-        self.data = TrainingData(ds) if spec.data is None else spec.data
-        if self.data.spec != ds:
-            raise LycorisError(
-                "training spec: 'data' was not loaded from training_dataset(dataset, model); "
-                "leave it None and the loop loads 'dataset' itself"
-            )
-        self.objective = Objective(self.model.pipe, self.family, spec.objective)
-        model_id = _hash(self.model.source + denoiser_config_hash(self.denoiser))
-        cache_dir = spec.dataset.cache_dir
-        self.latent_cache = FeatureCache(cache_dir, f"latents-{model_id}-{ds.resolution}")
-        self.text_cache = FeatureCache(
-            cache_dir,
-            f"text-{model_id}-{spec.objective.max_sequence_length or 'default'}",
-            max_items=256,  # T5 embeddings are large; captions repeat anyway
-        )
-        self.cache_latents = ds.center_crop
-        self.output = Path(spec.output)
-        self.ckpt_dir = checkpoints_dir(self.output)
-        self.val_dir = self.output.with_name(self.output.stem + "-validation")
-        self.writes = self.dist is None or self.dist.is_main
-
-    def order(self, epoch: int) -> list[list[int]]:
-        """This process's batches of an epoch (all of them in a single process)."""
-        batches = self.data.epoch_order(epoch, self.spec.seed, self.spec.batch_size)
-        if self.dist is None:
-            return batches
-        return batches[self.dist.rank :: self.dist.world] or batches[:1]
-
-    # ------------------------------------------------------------------ batches
-    def encode_batch(
-        self, indices: list[int], rngs: list[random.Random]
-    ) -> tuple[torch.Tensor, dict]:
-        latents, conds = [], []
-        for i, rng in zip(indices, rngs, strict=True):
-            flip = self.flip and rng.random() < 0.5
-            caption = self.data.caption(i, rng)
-            key = self.data.items[i].key + ("-flip" if flip else "")
-
-            def encode(i: int = i, rng: random.Random = rng, flip: bool = flip) -> dict:
-                pixels = self.data.pixels(i, rng)
-                if flip:
-                    pixels = torch.flip(pixels, dims=[-1])
-                return {"latents": self.objective.encode_images(pixels[None])[0]}
-
-            if self.cache_latents:
-                latents.append(self.latent_cache.get_or_compute(key, encode)["latents"])
-            else:
-                latents.append(encode()["latents"])
-            text = self.text_cache.get_or_compute(
-                _hash(caption),
-                lambda caption=caption: {
-                    k: v[0] for k, v in self.objective.encode_text([caption]).items()
-                },
-            )
-            conds.append(text)
-        cond = {k: torch.stack([c[k] for c in conds]) for k in conds[0]}
-        return torch.stack(latents), cond
-
-
-# --------------------------------------------------------------------------- the loop
-
-
-def train(
-    spec: TrainSpec,
-    on_step: Callable[[TrainStepInfo], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    on_validation: Callable[[int, torch.Tensor], None] | None = None,
-) -> TrainResult:
-    """Train a LyCORIS adapter; see the module docstring for the safety guarantees.
-
-    ``on_validation(step, images)`` receives each set of validation images as it is made.
-    """
-    spec.validate()
-    with torch.inference_mode(False), torch.enable_grad():
-        return _train(spec, on_step, should_stop, on_validation)
-
-
-def _train(
-    spec: TrainSpec,
-    on_step: Callable[[TrainStepInfo], None] | None,
-    should_stop: Callable[[], bool] | None,
-    on_validation: Callable[[int, torch.Tensor], None] | None,
-) -> TrainResult:
-    run = _Run(spec)
-    start = time.perf_counter()
-    torch.manual_seed(spec.seed)
-    random.seed(spec.seed)
-    rank = run.dist.rank if run.dist else 0
-    noise_gen = torch.Generator().manual_seed(spec.seed + 1_000_003 * rank)
-    denoiser = run.denoiser
-    denoiser.requires_grad_(False)
-    net = create_network(denoiser, spec.config)
-    if run.dist is not None:
-        run.objective.forward = run.dist.wrap(denoiser, net)
-    try:
-        return _loop(spec, run, net, noise_gen, start, on_step, should_stop, on_validation)
-    finally:
-        net.restore()
-        for lora in net.loras:  # lycoris keeps bookkeeping attributes on the wrapped layers
-            lora.org_module[0].__dict__.pop("_lycoris_wrappers", None)
-            lora.org_module[0].__dict__.pop("_lycoris_original_forward", None)
-        denoiser.eval()
-        if spec.gradient_checkpointing and hasattr(denoiser, "disable_gradient_checkpointing"):
-            denoiser.disable_gradient_checkpointing()
-
-
-def _loop(spec, run, net, noise_gen, start, on_step, should_stop, on_validation) -> TrainResult:
-    net.requires_grad_(True)
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = build_optimizer(spec.optimizer, params, spec.lr, spec.weight_decay)
-    scheduler = build_scheduler(spec.scheduler, optimizer, spec.steps, spec.warmup_steps)
-    step, epoch, position = 0, 0, 0
-    losses: list[float] = []
-    smoothed: float | None = None
-    checkpoints: list[str] = []
-    validation: list[tuple[int, torch.Tensor]] = []
-    last_good: Checkpoint | None = None
-
-    if spec.resume:
-        ckpt = resolve_resume(spec.resume)
-        state = load_state(ckpt)
-        net.load_state_dict(state["network"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        noise_gen.set_state(state["noise_generator"])
-        step, epoch, position = state["step"], state["epoch"], state["position"]
-        losses, smoothed = list(state["losses"]), state["smoothed_loss"]
-        last_good = ckpt
-        logger.info("resumed from %s at step %d", ckpt.path, step)
-
-    denoiser = run.denoiser
-    if spec.gradient_checkpointing and hasattr(denoiser, "enable_gradient_checkpointing"):
-        denoiser.enable_gradient_checkpointing()
-    denoiser.train(spec.gradient_checkpointing)
-    net.train()
-    autocast = _autocast(spec.mixed_precision, run.device)
-    scaler = (
-        torch.amp.GradScaler("cuda")
-        if (spec.mixed_precision == "fp16" and run.device.type == "cuda")
-        else None
-    )
-    order = run.order(epoch)
-    ff_advice = _feeds_forward(spec.config)
-
-    def snapshot(kind: str) -> Checkpoint:
-        nonlocal last_good
-        if not run.writes:  # only rank 0 writes files
-            run.dist.barrier()
-            return Checkpoint(run.ckpt_dir / f"step-{step:06d}", step)
-        state = {
-            "network": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(),
-            "noise_generator": noise_gen.get_state(),
-            "step": step,
-            "epoch": epoch,
-            "position": position,
-            "losses": list(losses),
-            "smoothed_loss": smoothed,
-            "kind": kind,
-        }
-        ckpt = save_checkpoint(
-            run.ckpt_dir,
-            step,
-            _adapter_tensors(net, spec),
-            _metadata(spec, run, step),
-            state,
-            spec.to_dict(),
-        )
-        checkpoints.append(str(ckpt.path))
-        last_good = ckpt
-        if run.dist is not None:
-            run.dist.barrier()
-        return ckpt
-
-    def result(completed: bool, reason: str, path: str | None) -> TrainResult:
-        return TrainResult(
-            adapter_path=path,
-            steps_done=step,
-            total_steps=spec.steps,
-            completed=completed,
-            stopped_reason=reason,
-            losses=losses,
-            checkpoints=checkpoints,
-            validation=validation,
-            seconds=time.perf_counter() - start,
-            layers=len(net.loras),
-            network_sha256=_state_hash(net),
-        )
-
-    t_first = time.perf_counter()
-    first_step = step
-    while step < spec.steps:
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for _ in range(spec.grad_accum):
-            if position >= len(order):
-                epoch, position = epoch + 1, 0
-                order = run.order(epoch)
-            batch = order[position]
-            position += 1
-            rngs = [random.Random(f"{spec.seed}:{epoch}:{position}:{j}") for j in range(len(batch))]
-            latents, cond = run.encode_batch(batch, rngs)
-            # forward and backward (where gradient checkpointing recomputes the forward)
-            with training_attention(run.device):
-                with autocast:
-                    loss = run.objective.loss(latents, cond, noise_gen)
-                if not torch.isfinite(loss):
-                    raise _aborted("loss", step + 1, loss.item(), last_good, ff_advice)
-                scaled = loss / spec.grad_accum
-                (scaler.scale(scaled) if scaler else scaled).backward()
-            step_loss += loss.item() / spec.grad_accum
-        if scaler:
-            scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(
-            params, spec.max_grad_norm if spec.max_grad_norm else float("inf")
-        )
-        if not torch.isfinite(norm) and scaler is None:
-            raise _aborted("gradient", step + 1, norm.item(), last_good, ff_advice)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
-        step += 1
-        losses.append(step_loss)
-        smoothed = (
-            step_loss if smoothed is None else SMOOTHING * smoothed + (1 - SMOOTHING) * step_loss
-        )
-
-        elapsed = time.perf_counter() - t_first
-        rate = (step - first_step) / elapsed if elapsed > 0 else 0.0
-        info = TrainStepInfo(
-            step=step,
-            total=spec.steps,
-            loss=step_loss,
-            smoothed_loss=smoothed,
-            lr=scheduler.get_last_lr()[0],
-            it_per_s=rate,
-            eta=(spec.steps - step) / rate if rate > 0 else 0.0,
-            peak_memory=_peak_memory(run.device),
-        )
-        if spec.save_every and step % spec.save_every == 0 and step < spec.steps:
-            snapshot("periodic")
-        if (
-            run.writes
-            and spec.validation_every
-            and spec.validation_prompts
-            and step % spec.validation_every == 0
-        ):
-            validation.append((step, _validate(spec, run, net, step)))
-            if on_validation is not None:
-                on_validation(*validation[-1])
-        try:
-            if on_step is not None:
-                on_step(info)
-        except BaseException:
-            snapshot("interrupted")
-            raise
-        if should_stop is not None and step < spec.steps and should_stop():
-            ckpt = snapshot("cancelled")
-            return result(False, "cancelled", str(ckpt.adapter))
-
-    final = snapshot("final")
-    from ..io import write_safetensors
-
-    tensors, meta = _adapter_tensors(net, spec), _metadata(spec, run, step)
-    if run.writes:
-        write_safetensors(run.output, tensors, meta)
-    if run.dist is not None:
-        run.dist.barrier()
-    if run.writes and spec.validation_prompts and (not validation or validation[-1][0] != step):
-        validation.append((step, _validate(spec, run, net, step)))
-    logger.info("trained %d steps -> %s (checkpoint %s)", step, run.output, final.path)
-    done = result(True, "completed", str(run.output))
-    done.adapter = _as_adapter(tensors, meta, run.output) if run.writes else None
-    return done
-
-
 def _as_adapter(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> Adapter:
     """The adapter just written to `path`, as ``load_adapter(path)`` reads it back."""
     adapter = adapter_from_state_dict(dict(tensors), dict(meta), source=str(path))
     adapter.path = str(path)
     return adapter
-
-
-def _state_hash(net: Any) -> str:
-    h = hashlib.sha256()
-    for key, tensor in sorted(net.state_dict().items()):
-        h.update(key.encode())
-        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _autocast(precision: str, device: torch.device) -> Any:
-    if precision == "no":
-        return torch.autocast(device.type, enabled=False)
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def _aborted(
-    what: str, step: int, value: float, last_good: Checkpoint | None, ff: bool
-) -> TrainingAborted:
-    where = (
-        f"the last good checkpoint is {last_good.path}"
-        if last_good
-        else "no checkpoint was saved yet (set save_every to keep one)"
-    )
-    advice = (
-        " The config trains FeedForward modules: on SDXL, training the FeedForward blocks is "
-        "known to go to NaN (the seed's warning); remove 'FeedForward' from "
-        "apply_preset.target_module and train only the Attention blocks."
-        if ff
-        else " Lower the learning rate, or use bf16 instead of fp16."
-    )
-    return TrainingAborted(
-        f"non-finite {what} ({value}) at step {step}; training stopped; {where}.{advice}"
-    )
-
-
-_SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _adapter_tensors(net: Any, spec: TrainSpec) -> dict[str, torch.Tensor]:
-    dtype = _SAVE_DTYPES[spec.save_dtype]
-    return {k: v.detach().to("cpu", dtype) for k, v in net.state_dict().items()}
-
-
-def _metadata(spec: TrainSpec, run: _Run, step: int) -> dict[str, str]:
-    return adapter_metadata(
-        spec.config,
-        run.family,
-        run.model.source,
-        run.denoiser,
-        title=run.output.stem,
-        steps=step,
-        resolution=spec.dataset.resolution,
-        dataset_hash=run.data.fingerprint(),
-        spec=spec.to_dict(),
-        prediction_type=getattr(run.objective, "prediction", None),
-    )
-
-
-def _validate(spec: TrainSpec, run: _Run, net: Any, step: int) -> torch.Tensor:
-    """Images of the validation prompts at validation_lycoris_strength; same seed each time."""
-    from ..io import atomic_write
-    from ..sampling import sample
-
-    m = run.model.size_multiple
-    side = max(m, spec.dataset.resolution // m * m)
-    net.set_multiplier(spec.validation_lycoris_strength)
-    net.eval()
-    run.denoiser.eval()
-    try:
-        images = torch.cat(
-            [
-                sample(
-                    run.model,
-                    [],
-                    prompt=prompt,
-                    steps=spec.validation_steps,
-                    seed=spec.validation_seed,
-                    width=side,
-                    height=side,
-                    max_sequence_length=spec.objective.max_sequence_length,
-                )
-                for prompt in spec.validation_prompts
-            ]
-        )
-    finally:
-        net.set_multiplier(spec.config.multiplier)
-        net.train()
-        run.denoiser.train(spec.gradient_checkpointing)
-    from PIL import Image
-
-    run.val_dir.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        array = (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-        atomic_write(
-            run.val_dir / f"step-{step:06d}-{i}.png",
-            lambda tmp, array=array: Image.fromarray(array).save(tmp, format="PNG"),
-        )
-    return images

@@ -35,7 +35,9 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def train_cmd(tmp: Path, out: Path, launcher: list[str]) -> subprocess.CompletedProcess:
+def train_cmd(
+    tmp: Path, out: Path, launcher: list[str], extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     args = [
         "-m",
         "lycoris_core",
@@ -57,6 +59,7 @@ def train_cmd(tmp: Path, out: Path, launcher: list[str]) -> subprocess.Completed
         "--out",
         str(out),
         "--json",
+        *extra,
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
@@ -64,11 +67,8 @@ def train_cmd(tmp: Path, out: Path, launcher: list[str]) -> subprocess.Completed
     )
 
 
-def test_two_processes_agree_and_only_rank_0_writes(tmp_path):
-    make_tiny("flux", tmp_path / "flux")
-    make_demo_dataset(tmp_path / "data", count=4, size=32)
-    (tmp_path / "cfg.json").write_text(json.dumps(SEED_EXAMPLE))
-    launcher = [
+def launcher() -> list[str]:
+    return [
         str(Path(sys.executable).parent / "accelerate"),
         "launch",
         "--multi_gpu",
@@ -83,7 +83,13 @@ def test_two_processes_agree_and_only_rank_0_writes(tmp_path):
         "--main_process_port",
         str(free_port()),
     ]
-    proc = train_cmd(tmp_path, tmp_path / "ddp" / "a.safetensors", launcher)
+
+
+def test_two_processes_agree_and_only_rank_0_writes(tmp_path):
+    make_tiny("flux", tmp_path / "flux")
+    make_demo_dataset(tmp_path / "data", count=4, size=32)
+    (tmp_path / "cfg.json").write_text(json.dumps(SEED_EXAMPLE))
+    proc = train_cmd(tmp_path, tmp_path / "ddp" / "a.safetensors", launcher())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     hashes = re.findall(r'"network_sha256": "([0-9a-f]+)"', proc.stdout)
     assert len(hashes) == 2 and hashes[0] == hashes[1]  # both ranks hold the same adapter
@@ -94,3 +100,11 @@ def test_two_processes_agree_and_only_rank_0_writes(tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     # two processes averaged gradients over different batches: not the single-process result
     assert re.findall(r'"network_sha256": "([0-9a-f]+)"', single.stdout)[0] != hashes[0]
+    # two processes resumed from the step-2 checkpoint (each restores its own RNG and noise
+    # generator states) end where the uninterrupted two-process run ended
+    step2 = tmp_path / "ddp" / "a-checkpoints" / "step-000002"
+    resumed = train_cmd(
+        tmp_path, tmp_path / "resumed" / "a.safetensors", launcher(), ("--resume", str(step2))
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert re.findall(r'"network_sha256": "([0-9a-f]+)"', resumed.stdout) == hashes
