@@ -49,6 +49,7 @@ from .training.synthetic import CAPTION, make_demo_dataset, make_shapes_dataset
 
 STRENGTHS = (0.0, 0.5, 1.0)
 DEMO_STEPS = 600
+DEMO_LR = 3e-3  # the seed LoKr on the disc images
 RESOLUTION = 32
 SAMPLE_STEPS = 20
 SAMPLES = 4
@@ -149,7 +150,7 @@ def run_demo(
             output=str(adapter_path),
             steps=steps,
             batch_size=4,
-            lr=3e-3,
+            lr=DEMO_LR,
             scheduler="cosine",
             warmup_steps=min(20, steps // 10),
             save_every=max(1, steps // 2),
