@@ -46,7 +46,12 @@ def connect(api: ComfyApi, client_id: str) -> tuple[Any, str | None]:
         return None, NOT_INSTALLED
     url = api.ws_url(client_id)
     # No Origin header (as ComfyUI's non-browser clients): its origin check then lets it in.
-    options: dict[str, Any] = {"timeout": min(10.0, api.timeout), "suppress_origin": True}
+    # Text is decoded here (bad UTF-8 skips a message); the library's per-byte check is slow.
+    options: dict[str, Any] = {
+        "timeout": min(10.0, api.timeout),
+        "suppress_origin": True,
+        "skip_utf8_validation": True,
+    }
     if is_loopback(api.host):  # as for HTTP: no proxy from the environment for this machine
         options["http_no_proxy"] = [api.host]
     try:
