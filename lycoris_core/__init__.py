@@ -6,15 +6,40 @@ This package never imports ComfyUI. Public API (documented in the README)::
         LycorisConfig, load_adapter, patched, coverage, create_network,
         LycorisError, ConfigError, AdapterFormatError, IncompatibleModelError,
     )
+
+The names are loaded on first use (PEP 562), so ``import lycoris_core`` and the torch-free
+parts (``lycoris_core.errors``, ``lycoris_core.client``) do not import torch.
 """
 
 from __future__ import annotations
 
-from .adapters import Adapter, LayerAdapter, adapter_from_state_dict, load_adapter
-from .config import LycorisConfig
-from .errors import AdapterFormatError, ConfigError, IncompatibleModelError, LycorisError
-from .patching import Patch, patched
-from .targeting import Coverage, coverage, create_network
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .adapters import Adapter, LayerAdapter, adapter_from_state_dict, load_adapter
+    from .config import LycorisConfig
+    from .errors import AdapterFormatError, ConfigError, IncompatibleModelError, LycorisError
+    from .patching import Patch, patched
+    from .targeting import Coverage, coverage, create_network
+
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "Adapter": "adapters",
+    "LayerAdapter": "adapters",
+    "adapter_from_state_dict": "adapters",
+    "load_adapter": "adapters",
+    "LycorisConfig": "config",
+    "AdapterFormatError": "errors",
+    "ConfigError": "errors",
+    "IncompatibleModelError": "errors",
+    "LycorisError": "errors",
+    "Patch": "patching",
+    "patched": "patching",
+    "Coverage": "targeting",
+    "coverage": "targeting",
+    "create_network": "targeting",
+}
 
 __all__ = [
     "Adapter",
@@ -34,3 +59,16 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,6 +1,6 @@
 """Helpers of the e2e tests: a real ComfyUI server in a temporary folder, HTTP calls, API
 prompts of our nodes, and a small Chrome DevTools Protocol client (standard library plus
-the runner's WebSocket class). Nothing here imports ComfyUI."""
+websocket-client). Nothing here imports ComfyUI."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from lycoris_core.client import WebSocket
+import websocket
 
 ROOT = Path(__file__).resolve().parents[2]
 E2E_DIR = Path(__file__).resolve().parent
@@ -358,7 +358,7 @@ class Browser:
         self.port = free_port()
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
-        self.ws: WebSocket | None = None
+        self.ws: websocket.WebSocket | None = None
         self.events: list[dict[str, Any]] = []
         self._ids = itertools.count(1)
         with log_path.open("wb") as log:
@@ -398,19 +398,29 @@ class Browser:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"no page target from Chromium within {timeout:.0f} s")
                 time.sleep(0.2)
-        self.ws = WebSocket.connect(page["webSocketDebuggerUrl"], timeout=10)
+        # no Origin header: Chromium refuses DevTools sockets from origins it was not told of
+        self.ws = websocket.create_connection(
+            page["webSocketDebuggerUrl"],
+            timeout=10,
+            suppress_origin=True,
+            http_no_proxy=["127.0.0.1"],
+        )
         self.call("Runtime.enable")
 
     def call(self, method: str, timeout: float = 30.0, **params: Any) -> dict[str, Any]:
         message_id = next(self._ids)
-        self.ws.send_text(json.dumps({"id": message_id, "method": method, "params": params}))
+        self.ws.send(json.dumps({"id": message_id, "method": method, "params": params}))
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
-            message = self.ws.recv(max(remaining, 0.0)) if remaining > 0 else None
-            if message is None:
+            if remaining <= 0:
                 raise TimeoutError(f"no answer to {method} within {timeout:.0f} s")
-            data = json.loads(message[1])
+            self.ws.settimeout(remaining)
+            try:
+                message = self.ws.recv()
+            except websocket.WebSocketTimeoutException:
+                raise TimeoutError(f"no answer to {method} within {timeout:.0f} s") from None
+            data = json.loads(message)
             if data.get("id") == message_id:
                 if "error" in data:
                     raise RuntimeError(f"{method}: {data['error']}")
@@ -464,7 +474,7 @@ class Browser:
 
     def close(self) -> None:
         if self.ws is not None:
-            with contextlib.suppress(OSError):
-                self.ws.close()
+            with contextlib.suppress(OSError, websocket.WebSocketException):
+                self.ws.close(timeout=1.0)
         if self.proc is not None:
             stop_process(self.proc, timeout=10, group=True)

@@ -1,17 +1,18 @@
 """The headless runner (lycoris_core.client) against a fake ComfyUI.
 
-The fake server is a standard-library ThreadingHTTPServer on 127.0.0.1 that implements
-/prompt, /history/<id>, /queue, /view, /interrupt and a /ws upgrade speaking real WebSocket
-frames (unmasked server frames; it reads and records the client's masked frames). Each test
+The fake server is a real aiohttp application (what ComfyUI runs) on 127.0.0.1 and a free
+port, in a thread of its own: /prompt, /history/<id>, /queue, /view, /interrupt and /ws with
+``clientId``, sending ComfyUI's message shapes (``send_json`` events, ``send_bytes`` binary
+events). It records the client's websocket messages (pongs and close included). Each test
 scripts what the socket sends after the prompt is posted.
 """
 
 from __future__ import annotations
 
 import ast
-import base64
-import hashlib
+import asyncio
 import json
+import logging
 import os
 import socket
 import struct
@@ -19,19 +20,17 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from aiohttp import WSMsgType, web
 
 from lycoris_core import client
 from lycoris_core.client import (
     EXIT_CODES,
     WorkflowError,
     apply_sets,
-    decode_frame,
-    encode_frame,
+    events,
     load_workflow,
     main,
     parse_set,
@@ -39,7 +38,6 @@ from lycoris_core.client import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 PID = "prompt-0001"
 ADAPTER = "/models/loras/tiny-lokr.safetensors"
 
@@ -54,57 +52,26 @@ WORKFLOW = {
 
 
 def server_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """A raw server frame, only to send one message in fragments (aiohttp never does)."""
     head = bytearray([(0x80 if fin else 0) | opcode])
     n = len(payload)
     if n < 126:
         head.append(n)
-    elif n < 1 << 16:
-        head += bytes([126]) + struct.pack(">H", n)
     else:
-        head += bytes([127]) + struct.pack(">Q", n)
+        head += bytes([126]) + struct.pack(">H", n)
     return bytes(head) + payload
 
 
 def event(kind: str, data: dict) -> tuple:
-    return ("send", server_frame(0x1, json.dumps({"type": kind, "data": data}).encode()))
-
-
-def read_client_frames(sock: socket.socket, record: list, stop_after: float) -> None:
-    """Parse the client's frames until it closes (or time runs out); record each one."""
-    buf = bytearray()
-    end = time.monotonic() + stop_after
-    sock.settimeout(0.2)
-    while time.monotonic() < end:
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            continue
-        except OSError:
-            return
-        if not chunk:
-            return
-        buf += chunk
-        while len(buf) >= 2:
-            masked, n, i = buf[1] & 0x80, buf[1] & 0x7F, 2
-            if n == 126:
-                n, i = struct.unpack(">H", bytes(buf[2:4]))[0], 4
-            elif n == 127:
-                n, i = struct.unpack(">Q", bytes(buf[2:10]))[0], 10
-            if len(buf) < i + (4 if masked else 0) + n:
-                break
-            key = bytes(buf[i : i + 4]) if masked else b"\0\0\0\0"
-            i += 4 if masked else 0
-            payload = bytes(b ^ key[k % 4] for k, b in enumerate(buf[i : i + n]))
-            record.append((buf[0] & 0x0F, payload, bool(masked)))
-            opcode = buf[0] & 0x0F
-            del buf[: i + n]
-            if opcode == 0x8:
-                return
+    """A ComfyUI JSON event, as ``PromptServer.send_json`` sends it."""
+    return ("json", {"type": kind, "data": data})
 
 
 class FakeComfy:
-    """``script(fake)`` returns the socket steps: ("send", bytes), ("sleep", s), ("history",),
-    ("drop",) or ("wait_close",). ``ws`` is "ok" or "refuse" (HTTP 404 on /ws)."""
+    """``script(fake)`` returns the socket steps: ("json", message), ("bytes", b),
+    ("ping", b), ("raw", frame bytes), ("sleep", s), ("history",) (publish the history
+    entry), ("drop",) (end the TCP connection without a close frame) or ("wait_close",).
+    ``ws`` is "ok" or "refuse" (HTTP 404 on /ws)."""
 
     def __init__(self, script=None, history=None, reject=None, ws="ok", history_after_drop=0.3):
         self.script = script or (lambda fake: [])
@@ -114,126 +81,134 @@ class FakeComfy:
         self.history_after_drop = history_after_drop
         self.posted: list[dict] = []
         self.ws_client_ids: list[str] = []
-        self.client_frames: list[tuple[int, bytes, bool]] = []
+        self.ws_origins: list[str | None] = []
+        self.client_frames: list[tuple[int, object]] = []
         self.views: list[dict] = []
         self.controls: list[tuple[str, dict]] = []
         self.submitted = threading.Event()
         self.published = threading.Event()
         self.stop = threading.Event()
-        self.threads: list[threading.Thread] = []
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.runner: web.AppRunner | None = None
 
     def __enter__(self):
         self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
         return self
 
     def __exit__(self, *exc):
         self.stop.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(15)
+        self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
-        for t in self.threads:
-            t.join(5)
+        self.loop.close()
+        self.sock.close()
+
+    async def _start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/prompt", self.post_prompt)
+        app.router.add_post("/interrupt", self.post_control)
+        app.router.add_post("/queue", self.post_control)
+        app.router.add_get("/ws", self.websocket)
+        app.router.add_get("/history/{prompt_id}", self.get_history)
+        app.router.add_get("/queue", self.get_queue)
+        app.router.add_get("/view", self.get_view)
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self.runner.setup()
+        await web.SockSite(self.runner, self.sock).start()
 
     def publish_later(self, delay: float) -> None:
-        timer = threading.Timer(delay, self.published.set)
-        timer.daemon = True
-        timer.start()
-        self.threads.append(timer)
+        self.loop.call_soon_threadsafe(self.loop.call_later, delay, self.published.set)
 
-    def _handler(self):
-        fake = self
+    async def wait_for(self, done, timeout: float) -> bool:
+        """Wait until ``done()``; False when the time is up or the server is stopping."""
+        end = time.monotonic() + timeout
+        while not done() and not self.stop.is_set() and time.monotonic() < end:
+            await asyncio.sleep(0.01)
+        return done()
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+    # -- HTTP --
 
-            def log_message(self, *args):
-                pass
+    async def post_prompt(self, request: web.Request) -> web.Response:
+        self.posted.append(await request.json())
+        if self.reject is not None:
+            return web.json_response(self.reject, status=400)
+        self.submitted.set()
+        return web.json_response({"prompt_id": PID, "number": 7, "node_errors": {}})
 
-            def reply(self, status: int, body, content_type="application/json"):
-                raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
+    async def post_control(self, request: web.Request) -> web.Response:
+        self.controls.append((request.path, await request.json()))
+        return web.json_response({})
 
-            def body(self):
-                n = int(self.headers.get("Content-Length") or 0)
-                return json.loads(self.rfile.read(n) or b"null")
+    async def get_history(self, request: web.Request) -> web.Response:
+        pid = request.match_info["prompt_id"]
+        done = pid == PID and self.published.is_set() and self.history_entry is not None
+        return web.json_response({PID: self.history_entry} if done else {})
 
-            def do_POST(self):
-                if self.path == "/prompt":
-                    body = self.body()
-                    fake.posted.append(body)
-                    if fake.reject is not None:
-                        return self.reply(400, fake.reject)
-                    fake.submitted.set()
-                    return self.reply(200, {"prompt_id": PID, "number": 7, "node_errors": {}})
-                fake.controls.append((self.path, self.body()))
-                return self.reply(200, {})
+    async def get_queue(self, request: web.Request) -> web.Response:
+        running = self.submitted.is_set() and self.history_entry is not None
+        item = [[7, PID, {}, {}, []]] if running and not self.published.is_set() else []
+        return web.json_response({"queue_running": item, "queue_pending": []})
 
-            def do_GET(self):
-                url = urllib.parse.urlsplit(self.path)
-                query = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
-                if url.path == "/ws":
-                    return self.websocket(query)
-                if url.path == f"/history/{PID}":
-                    done = fake.published.is_set() and fake.history_entry is not None
-                    return self.reply(200, {PID: fake.history_entry} if done else {})
-                if url.path == "/queue":
-                    running = fake.submitted.is_set() and fake.history_entry is not None
-                    item = [[7, PID, {}, {}, []]] if running and not fake.published.is_set() else []
-                    return self.reply(200, {"queue_running": item, "queue_pending": []})
-                if url.path == "/view":
-                    fake.views.append(query)
-                    return self.reply(200, f"IMG:{query['filename']}".encode(), "image/png")
-                return self.reply(404, {"error": "not found"})
+    async def get_view(self, request: web.Request) -> web.Response:
+        query = dict(request.query)
+        self.views.append(query)
+        return web.Response(body=f"IMG:{query['filename']}".encode(), content_type="image/png")
 
-            def websocket(self, query):
-                if fake.ws != "ok":
-                    return self.reply(404, b"no websocket here", "text/plain")
-                assert self.headers["Upgrade"].lower() == "websocket"
-                assert self.headers["Sec-WebSocket-Version"] == "13"
-                key = self.headers["Sec-WebSocket-Key"]
-                assert len(base64.b64decode(key)) == 16
-                accept = base64.b64encode(hashlib.sha1((key + GUID).encode()).digest()).decode()
-                fake.ws_client_ids.append(query.get("clientId"))
-                self.send_response(101, "Switching Protocols")
-                self.send_header("Upgrade", "websocket")
-                self.send_header("Connection", "Upgrade")
-                self.send_header("Sec-WebSocket-Accept", accept)
-                self.end_headers()
-                self.close_connection = True
-                sock = self.connection
-                sock.sendall(
-                    server_frame(0x1, json.dumps({"type": "status", "data": {"sid": "x"}}).encode())
-                )
-                reader = threading.Thread(
-                    target=read_client_frames, args=(sock, fake.client_frames, 10), daemon=True
-                )
-                reader.start()
-                if not fake.submitted.wait(5):
-                    return
-                for step in fake.script(fake):
-                    if fake.stop.is_set():
-                        break
-                    if step[0] == "send":
-                        sock.sendall(step[1])
-                    elif step[0] == "sleep":
-                        time.sleep(step[1])
-                    elif step[0] == "history":
-                        fake.published.set()
-                    elif step[0] == "drop":  # no close frame: the TCP connection just ends
-                        fake.publish_later(fake.history_after_drop)
-                        sock.shutdown(socket.SHUT_RDWR)
-                        break
-                reader.join(5)
+    # -- websocket --
 
-        return Handler
+    async def read_client(self, ws: web.WebSocketResponse) -> None:
+        """Record the client's messages (pongs too: autoping is off) until it closes."""
+        while True:
+            msg = await ws.receive()
+            self.client_frames.append((int(msg.type), msg.data))
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                return
+            if msg.type == WSMsgType.ERROR:
+                return
+
+    async def websocket(self, request: web.Request) -> web.StreamResponse:
+        if self.ws != "ok":
+            return web.Response(status=404, text="no websocket here")
+        ws = web.WebSocketResponse(autoping=False)
+        await ws.prepare(request)
+        sid = request.query.get("clientId", "")
+        self.ws_client_ids.append(sid)
+        self.ws_origins.append(request.headers.get("Origin"))
+        status = {"status": {"exec_info": {"queue_remaining": 0}}, "sid": sid}
+        await ws.send_json({"type": "status", "data": status})
+        reader = asyncio.ensure_future(self.read_client(ws))
+        await self.wait_for(lambda: self.submitted.is_set() or reader.done(), 5)
+        if self.submitted.is_set() and not reader.done():
+            await self.play(ws, request)
+        if not await self.wait_for(reader.done, 10):
+            reader.cancel()
+        return ws
+
+    async def play(self, ws: web.WebSocketResponse, request: web.Request) -> None:
+        for step in self.script(self):
+            if self.stop.is_set() or ws.closed:
+                break
+            if step[0] == "json":
+                await ws.send_json(step[1])
+            elif step[0] == "bytes":
+                await ws.send_bytes(step[1])
+            elif step[0] == "ping":
+                await ws.ping(step[1])
+            elif step[0] == "raw":
+                request.transport.write(step[1])
+            elif step[0] == "sleep":
+                await asyncio.sleep(step[1])
+            elif step[0] == "history":
+                self.published.set()
+            elif step[0] == "drop":  # no close frame: the TCP connection just ends
+                self.publish_later(self.history_after_drop)
+                request.transport.close()
+                break
 
 
 def history_entry(status="success", messages=(), outputs=None):
@@ -277,16 +252,16 @@ def success_script(fake):
         event("execution_cached", {"nodes": [], "prompt_id": PID}),
         event("executing", {"node": "12", "display_node": "12", "prompt_id": PID}),
         # one message in three fragments with a ping between them
-        ("send", server_frame(0x1, progress1[:10], fin=False)),
-        ("send", server_frame(0x0, progress1[10:30], fin=False)),
-        ("send", server_frame(0x9, b"are-you-there")),
-        ("send", server_frame(0x0, progress1[30:], fin=True)),
+        ("raw", server_frame(0x1, progress1[:10], fin=False)),
+        ("raw", server_frame(0x0, progress1[10:30], fin=False)),
+        ("ping", b"are-you-there"),
+        ("raw", server_frame(0x0, progress1[30:], fin=True)),
         event("lycoris.train", {"step": 1, "total": 3, "loss": 0.5, "lr": 1e-4, "node": "12"}),
         event("progress", {"value": 2, "max": 3, "prompt_id": PID, "node": "12"}),
         event("progress", {"value": 3, "max": 3, "prompt_id": PID, "node": "12"}),
         event("lycoris.train", {"step": 3, "total": 3, "loss": 0.25, "lr": 1e-4, "node": "12"}),
         event("lycoris.train", {"status": "done", "adapter_path": ADAPTER, "node": "12"}),
-        ("send", server_frame(0x2, text)),  # node text, 16-bit length
+        ("bytes", text),  # node text (PromptServer.send_progress_text), 16-bit length
         event("executing", {"node": "9", "display_node": "9", "prompt_id": PID}),
         event("executed", {"node": "9", "output": big, "prompt_id": PID}),  # 64-bit length
         ("history",),
@@ -333,9 +308,9 @@ def test_success_progress_outputs_and_result_json(tmp_path, wf_file, capsys):
     # the POST carried our client id, the same one the socket used; the workflow as written
     assert fake.posted[0]["prompt"] == WORKFLOW
     assert fake.posted[0]["client_id"] == fake.ws_client_ids[0]
-    # the client answered the ping with a masked pong of the same payload, then closed masked
-    assert (0xA, b"are-you-there", True) in fake.client_frames
-    assert fake.client_frames[-1][0] == 0x8 and fake.client_frames[-1][2]
+    # the client answered the ping with a pong of the same payload, then closed the socket
+    assert (0xA, b"are-you-there") in fake.client_frames
+    assert fake.client_frames[-1][0] == 0x8
 
     result = json.loads((out / "result.json").read_text())
     assert result["prompt_id"] == PID
@@ -578,22 +553,162 @@ def test_module_entry_point_runs(tmp_path, wf_file):
     assert json.loads((out / "result.json").read_text())["status"] == "success"
 
 
-def test_file_runs_as_a_plain_script(tmp_path, wf_file):
-    """client.py needs nothing but the standard library, also outside the package."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    script = ROOT / "lycoris_core" / "client.py"
-    args = ["run", str(wf_file), "--server", f"127.0.0.1:{port}", "--out", str(tmp_path)]
-    proc = subprocess.run(
-        [sys.executable, "-S", str(script), *args],
+# Runs through the websocket-client package; polls without it; runs without torch.
+
+BLOCKER = """
+import runpy, sys
+
+class Blocker:
+    def __init__(self, names):
+        self.names, self.tried = names, []
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in self.names:
+            self.tried.append(name)
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+        return None
+
+blocker = Blocker(sys.argv[1].split(","))
+sys.meta_path.insert(0, blocker)
+sys.argv = ["lycoris_core.client", *sys.argv[2:]]
+try:
+    runpy.run_module("lycoris_core.client", run_name="__main__", alter_sys=True)
+finally:
+    print("TRIED:" + ",".join(sorted(set(blocker.tried))), file=sys.stderr)
+"""
+
+
+def run_blocked(blocked: list[str], *argv: str) -> subprocess.CompletedProcess:
+    """``python -m lycoris_core.client ARGV`` in a fresh process where importing any of
+    ``blocked`` (top-level names) fails; stderr ends with the names that were tried."""
+    return subprocess.run(
+        [sys.executable, "-c", BLOCKER, ",".join(blocked), *argv],
+        cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=30,
-        cwd=tmp_path,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
-    assert proc.returncode == EXIT_CODES["unreachable"], proc.stderr
-    assert proc.stderr.startswith(f"error: cannot reach ComfyUI at http://127.0.0.1:{port} (")
+
+
+def tried(proc: subprocess.CompletedProcess) -> list[str]:
+    line = [x for x in proc.stderr.splitlines() if x.startswith("TRIED:")][-1]
+    return [name for name in line[len("TRIED:") :].split(",") if name]
+
+
+@pytest.mark.parametrize("websocket_client", ["installed", "blocked"])
+def test_runner_works_without_torch(tmp_path, wf_file, websocket_client):
+    blocked = ["torch"] + (["websocket"] if websocket_client == "blocked" else [])
+    help_proc = run_blocked(blocked, "--help")
+    assert help_proc.returncode == 0, help_proc.stderr
+    assert "Run ComfyUI workflows headless" in help_proc.stdout
+    assert tried(help_proc) == []
+
+    out = tmp_path / "out"
+    entry = history_entry("success", outputs=SUCCESS_OUTPUTS)
+    with FakeComfy(success_script, entry) as fake:
+        if websocket_client == "blocked":
+            fake.publish_later(0.5)  # no socket: the script does not run
+        args = ["run", str(wf_file), "--server", fake.url, "--out", str(out)]
+        proc = run_blocked(blocked, *args, "--poll-interval", "0.1")
+    assert proc.returncode == 0, proc.stderr
+    assert "success: prompt prompt-0001" in proc.stdout
+    assert tried(proc) == (["websocket"] if websocket_client == "blocked" else [])
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "success"
+    assert result["final_loss"] == 0.25
+    assert result["transport"] == ("polling" if websocket_client == "blocked" else "websocket")
+    assert (out / "lyco_00001_.png").read_bytes() == b"IMG:lyco_00001_.png"
+
+
+def test_importing_the_core_does_not_import_torch():
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import lycoris_core\n"
+        "from lycoris_core import LycorisError, ConfigError, LycorisConfig\n"
+        "import lycoris_core.client\n"
+        "try:\n"
+        "    lycoris_core.patched\n"
+        "except ImportError as exc:\n"
+        "    print('lazy:', exc)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    # the torch-using name is only imported when touched, and then needs torch
+    assert proc.stdout.startswith("lazy:") and "torch" in proc.stdout
+
+
+def test_public_names_of_the_core_resolve():
+    import lycoris_core
+
+    for name in lycoris_core.__all__:
+        assert getattr(lycoris_core, name).__name__ == name
+    assert set(lycoris_core.__all__) <= set(dir(lycoris_core))
+    from lycoris_core import LycorisConfig, load_adapter, patched  # noqa: F401
+
+    with pytest.raises(AttributeError, match="has no attribute 'nothing_here'"):
+        lycoris_core.nothing_here  # noqa: B018
+
+
+def test_websocket_client_is_used_when_installed(tmp_path, monkeypatch):
+    import websocket
+
+    calls = []
+    real = websocket.create_connection
+
+    def spy(url, **options):
+        calls.append(url)
+        return real(url, **options)
+
+    monkeypatch.setattr(websocket, "create_connection", spy)
+    seen = []
+    entry = history_entry("success", outputs=SUCCESS_OUTPUTS)
+    with FakeComfy(success_script, entry) as fake:
+        result = run_workflow(
+            fake.url, WORKFLOW, tmp_path, client_id="c-7", on_event=lambda e, d: seen.append(e)
+        )
+    assert calls == [f"ws://{fake.url.split('://')[1]}/ws?clientId=c-7"]
+    assert fake.ws_client_ids == ["c-7"]
+    assert fake.ws_origins == [None]  # ComfyUI's origin check lets a client without one in
+    assert result["status"] == "success" and result["transport"] == "websocket"
+    assert "lycoris.train" in seen and "progress_text" in seen
+
+
+def test_without_websocket_client_polls_with_a_one_line_note(
+    tmp_path, wf_file, capsys, caplog, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "websocket", None)  # import websocket -> ImportError
+    monkeypatch.setattr(events, "_noted", False)
+    caplog.set_level(logging.INFO, logger="lycoris_core.client")
+    entry = history_entry("success", outputs=SUCCESS_OUTPUTS)
+    out = tmp_path / "out"
+    with FakeComfy(success_script, entry) as fake:
+        fake.publish_later(0.3)
+        code, stdout, stderr = run_cli(
+            capsys, wf_file, "--server", fake.url, "--out", out, "--poll-interval", "0.1"
+        )
+        again = run_workflow(fake.url, WORKFLOW, tmp_path / "again", poll_interval=0.1)
+    assert code == 0, stderr
+    notes = [line for line in stdout.splitlines() if "websocket-client" in line]
+    assert notes == [
+        "websocket unavailable (websocket-client is not installed; `pip install "
+        "websocket-client` to follow progress live); polling /history"
+    ]
+    assert "websocket-client" not in stderr
+    logged = [r for r in caplog.records if "websocket-client is not installed" in r.getMessage()]
+    assert len(logged) == 1  # once per process, not once per run
+    assert fake.ws_client_ids == []
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "success" and result["transport"] == "polling"
+    assert result["adapter_paths"] == [ADAPTER]
+    assert again["status"] == "success" and again["transport"] == "polling"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,24 +762,23 @@ def test_load_workflow_errors_name_the_file_and_line(tmp_path):
     assert load_workflow(wrapped) == WORKFLOW
 
 
-@pytest.mark.parametrize("n", [0, 5, 125, 126, 65535, 65536, 70001])
-def test_frame_round_trip(n):
-    payload = os.urandom(n)
-    masked = encode_frame(0x2, payload, mask=True)
-    assert masked[1] & 0x80
-    assert decode_frame(masked) == (True, 0x2, payload, len(masked))
-    assert decode_frame(masked[:-1] if n else masked[:1]) is None  # incomplete
-    plain = encode_frame(0x1, payload, mask=False, fin=False)
-    assert decode_frame(plain + b"\x81\x00") == (False, 0x1, payload, len(plain))
-
-
-def test_client_is_standard_library_only():
-    tree = ast.parse((ROOT / "lycoris_core" / "client.py").read_text())
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(a.name.split(".")[0] for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            names.add(node.module.split(".")[0])
-    assert names - set(sys.stdlib_module_names) == set()
+def test_client_needs_only_the_standard_library_and_websocket_client():
+    """The runner's modules import the standard library, each other, lycoris_core.errors
+    (torch-free) and, inside a function, websocket-client: nothing else of the core."""
+    stdlib = set(sys.stdlib_module_names)
+    for path in sorted((ROOT / "lycoris_core" / "client").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        top_level = set(tree.body)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    name = alias.name.split(".")[0]
+                    assert name in stdlib or name == "websocket", (path.name, name)
+                    if name == "websocket":  # lazily: a missing package is not an error
+                        assert node not in top_level, path.name
+            elif isinstance(node, ast.ImportFrom):
+                if node.level == 0:
+                    assert node.module.split(".")[0] in stdlib, (path.name, node.module)
+                else:
+                    assert node.level == 1 or node.module == "errors", (path.name, node.module)
     assert client.__name__ == "lycoris_core.client"
