@@ -49,7 +49,7 @@ from .training.synthetic import CAPTION, make_demo_dataset, make_shapes_dataset
 
 STRENGTHS = (0.0, 0.5, 1.0)
 DEMO_STEPS = 600
-DEMO_LR = 3e-3  # the seed LoKr on the disc images
+DEMO_LR = 1e-2  # the seed LoKr on the disc images
 RESOLUTION = 32
 SAMPLE_STEPS = 20
 SAMPLES = 4
