@@ -44,16 +44,16 @@ from .training.evaluate import (
     nearest_image_correlation,
 )
 from .training.loop import TrainSpec, TrainStepInfo, train
-from .training.objectives import Objective
+from .training.objectives import Objective, ObjectiveOptions
 from .training.synthetic import CAPTION, make_demo_dataset, make_shapes_dataset
 
 STRENGTHS = (0.0, 0.5, 1.0)
-DEMO_STEPS = 600
+DEMO_STEPS = 900
 DEMO_LR = 1e-2  # the seed LoKr on the disc images
 RESOLUTION = 32
 SAMPLE_STEPS = 20
 SAMPLES = 4
-BASE_STEPS = 250  # the full fine-tune that teaches the random base shapes (demo_base)
+BASE_STEPS = 500  # the full fine-tune that teaches the random base shapes (demo_base)
 BASE_IMAGES = 128
 BASE_CONFIG: dict[str, Any] = {  # every Linear of the transformer, fully trainable
     "algo": "full",
@@ -63,6 +63,7 @@ BASE_CONFIG: dict[str, Any] = {  # every Linear of the transformer, fully traina
     "apply_preset": {"target_module": ["FluxTransformer2DModel"]},
 }
 TILE = 128  # pixels per image in samples_grid.png
+TOKENS = 32  # T5 prompt tokens (Flux pads to 512: 4x the step time for a 6-token caption)
 
 
 def demo_base(
@@ -101,6 +102,7 @@ def demo_base(
             scheduler="cosine",
             warmup_steps=min(20, steps // 10),
             seed=seed,
+            objective=ObjectiveOptions(max_sequence_length=TOKENS),
         ),
         on_step=on_step,
     )
@@ -158,6 +160,7 @@ def run_demo(
             validation_every=max(1, steps // 3),
             validation_steps=SAMPLE_STEPS,
             seed=seed,
+            objective=ObjectiveOptions(max_sequence_length=TOKENS),
         ),
         on_step=on_step,
     )
@@ -167,9 +170,10 @@ def run_demo(
     info = describe(adapter, model.denoiser)
     _write_text(out / "demo_lokr.inspect.txt", format_report(info) + "\n")
     data = TrainingData(dataset)
-    loss_base = fixed_loss(model, data)
-    loss_trained = fixed_loss(model, data, [(adapter, 1.0)])
-    objective = Objective(model.pipe, model.family)
+    options = ObjectiveOptions(max_sequence_length=TOKENS)
+    loss_base = fixed_loss(model, data, options=options)
+    loss_trained = fixed_loss(model, data, [(adapter, 1.0)], options=options)
+    objective = Objective(model.pipe, model.family, options)
     train_latents = torch.stack(dataset_latents(objective, data))
     train_images = dataset_images(data)
     rows, distances, correlations = [], {}, {}
@@ -179,6 +183,7 @@ def run_demo(
         "seed": 100,
         "batch_size": SAMPLES,
         "width": RESOLUTION,
+        "max_sequence_length": TOKENS,
         "height": RESOLUTION,
     }
     for s in STRENGTHS:
