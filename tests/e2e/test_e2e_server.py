@@ -41,6 +41,7 @@ def test_pack_imported(comfy):
     assert ours == [
         f"/extensions/{PACK_NAME}/lycoris.js",
         f"/extensions/{PACK_NAME}/lycoris_chart.js",
+        f"/extensions/{PACK_NAME}/lycoris_schema.js",
     ]
 
 
