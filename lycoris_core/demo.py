@@ -42,6 +42,7 @@ from .training.evaluate import (
     dataset_latents,
     fixed_loss,
     nearest_image_correlation,
+    nearest_latent_distance,
 )
 from .training.loop import TrainSpec, TrainStepInfo, train
 from .training.objectives import Objective, ObjectiveOptions
@@ -189,8 +190,7 @@ def run_demo(
     for s in STRENGTHS:
         rows.append(sample(model, [(adapter, s)], **args))
         latents = sample(model, [(adapter, s)], output="latent", **args)
-        flat = (latents[:, None] - train_latents[None]).pow(2).flatten(2).mean(-1).sqrt()
-        distances[s] = flat.min(dim=1).values.mean().item()
+        distances[s] = nearest_latent_distance(latents, train_latents)
         correlations[s] = nearest_image_correlation(rows[-1], train_images)
     dynamic = sample(model, [(adapter, 1.0)], mode="dynamic", **args)
     model.restore_base()

@@ -53,19 +53,11 @@ def fixed_loss(
     return total / n
 
 
-@torch.no_grad()
-def nearest_latent_distance(
-    objective: Objective, generated: torch.Tensor, training_latents: Sequence[torch.Tensor]
-) -> float:
-    """Mean over generated images ([B, H, W, C] in 0..1) of the RMS distance of its latent to
-    the nearest training latent of the same shape."""
-    pixels = generated.permute(0, 3, 1, 2) * 2 - 1
-    distances = []
-    for image in pixels:
-        lat = objective.encode_images(image[None])[0]
-        same = [t for t in training_latents if t.shape == lat.shape]
-        distances.append(min(((lat - t) ** 2).mean().sqrt().item() for t in same))
-    return sum(distances) / len(distances)
+def nearest_latent_distance(generated: torch.Tensor, training: torch.Tensor) -> float:
+    """Mean over generated latents ([B, ...]) of the RMS distance to the nearest training
+    latent (``training``: [N, ...], the same shape per item)."""
+    rms = (generated[:, None] - training[None]).pow(2).flatten(2).mean(-1).sqrt()  # [B, N]
+    return rms.min(dim=1).values.mean().item()
 
 
 def dataset_images(data: TrainingData) -> torch.Tensor:
