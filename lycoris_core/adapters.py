@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .algorithms import REGISTRY, Algorithm, detect, layer_label
+from .algorithms import REGISTRY, Algorithm, check_layer, detect, layer_label
 from .config import LycorisConfig
 from .errors import AdapterFormatError, ConfigError
 from .io import read_safetensors
@@ -258,6 +258,7 @@ def adapter_from_state_dict(
             raise AdapterFormatError(f"{source}: layer '{name}' ({algorithm.name}) has {what}")
         options = {} if config is None else algorithm.options(config.keywords)
         layers[name] = LayerAdapter(name, algorithm.name, dict(tensors), options)
+        check_layer(layers[name], source)  # shapes, ranks, finite values: once per file
     return Adapter(layers=layers, metadata=metadata, path=None, config=config)
 
 

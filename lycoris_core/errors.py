@@ -25,3 +25,7 @@ class IncompatibleModelError(LycorisError, ValueError):
 
 class ModelLoadError(LycorisError, ValueError):
     """A base model folder or file cannot be loaded (missing, wrong layout, unknown class)."""
+
+
+class PathError(LycorisError, ValueError):
+    """A name or path that would leave its folder, or an output that cannot be written."""

@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
-from .errors import AdapterFormatError, LycorisError
+from .errors import AdapterFormatError
+from .paths import check_output_file, check_output_folder, os_failure
+from .tempfiles import SUFFIX, clean_stale, permissions, temp_prefix
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
@@ -64,32 +66,49 @@ def read_safetensors(
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], Any]) -> Path:
     """Call ``write(tmp_path)`` on a temp file beside `path`, fsync it, rename it into place.
 
-    A crash or an exception leaves any previous file at `path` untouched.
+    A crash or an exception leaves any previous file at `path` untouched; stale temp files
+    of earlier killed writes of `path` are removed first (:mod:`.tempfiles`). The file gets
+    the permissions of the umask (not the temp file's 0600). An ``OSError`` (no such folder,
+    not writable, disk full, `path` is a folder) becomes a :class:`PathError` naming `path`.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    target = check_output_file(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(target.parent, target.name)
+        fd, tmp = tempfile.mkstemp(
+            prefix=temp_prefix(target.name), suffix=SUFFIX, dir=target.parent
+        )
+        os.close(fd)
+    except OSError as exc:
+        raise os_failure(target, exc) from None
     try:
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, permissions("file"))
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise os_failure(target, exc) from None
         raise
-    try:  # make the rename durable where the platform allows it
-        dir_fd = os.open(target.parent, os.O_RDONLY)
+    _fsync_dir(target.parent)
+    return target
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable where the platform allows it."""
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
     except OSError:
-        return target
+        return
     try:
         os.fsync(dir_fd)
     except OSError:
         pass
     finally:
         os.close(dir_fd)
-    return target
 
 
 def write_safetensors(
@@ -112,22 +131,28 @@ def write_safetensors(
 def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; on success it is renamed to `path`.
 
-    `path` must not exist or be an empty folder. On an exception the temporary folder is
-    removed and `path` is untouched.
+    `path` must not exist or be an empty folder (checked before anything is written). On an
+    exception the temporary folder is removed and `path` is untouched; stale temporary
+    folders of earlier killed writes of `path` are removed first. The folder gets the
+    permissions of the umask; an ``OSError`` becomes a :class:`PathError` naming `path`.
     """
-    target = Path(path)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise LycorisError(
-            f"{target}: already exists and is not empty; choose an empty folder (or a new "
-            "path), or delete it first"
+    target = check_output_folder(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(target.parent, target.name)
+        staging = Path(
+            tempfile.mkdtemp(prefix=temp_prefix(target.name), suffix=SUFFIX, dir=target.parent)
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        os.chmod(staging, permissions("folder"))
+    except OSError as exc:
+        raise os_failure(target, exc) from None
     try:
         yield staging
         if target.exists():  # an empty folder: replace it
             target.rmdir()
         staging.rename(target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise os_failure(target, exc) from None
         raise

@@ -28,6 +28,7 @@ from .errors import ModelLoadError
 from .families import FAMILIES, Family, detect_family, family_for_pipeline_class
 from .io import PICKLE_SUFFIXES, atomic_folder
 from .patching import Patch, patch_key, patched
+from .paths import check_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -371,8 +372,10 @@ def save_merged(
 ) -> Path:
     """Save the pipeline with `adapters` baked in (``save_pretrained``), atomically.
 
-    The base model is unchanged afterwards. `out_dir` must be new or empty.
+    The base model is unchanged afterwards. `out_dir` must be new or empty (checked before
+    anything is merged).
     """
+    check_output_folder(out_dir, "merged model folder")
     with model._lock:
         model.restore_base()
         with patched(model.denoiser, adapters, mode="merge"), atomic_folder(out_dir) as staging:

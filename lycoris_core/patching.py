@@ -10,7 +10,6 @@ is what chaining lycoris modules does. Strength 0 skips an adapter entirely.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal
@@ -21,6 +20,7 @@ from torch import nn
 from .adapters import Adapter, LayerAdapter
 from .algorithms import accumulate, dynamic_contribution
 from .errors import LycorisError
+from .limits import check_strength
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +29,7 @@ MODES: tuple[str, ...] = ("merge", "dynamic")
 
 
 def _check_strength(adapter: Adapter, strength: object) -> float:
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)):
-        raise LycorisError(f"{adapter.name}: strength must be a number, got {strength!r}")
-    if not math.isfinite(strength):
-        raise LycorisError(f"{adapter.name}: strength must be finite, got {strength!r}")
-    return float(strength)
+    return check_strength(strength, f"{adapter.name}: strength")  # bound: limits.MAX_STRENGTH
 
 
 PatchKey = tuple[tuple[tuple[str, float], ...], str]

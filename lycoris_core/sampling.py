@@ -22,6 +22,7 @@ import torch
 from .adapters import Adapter
 from .device import module_bytes, oom_advice
 from .errors import LycorisError
+from .limits import MAX_SAMPLING_STEPS
 from .models import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -65,8 +66,19 @@ def _check_int(name: str, value: Any, lo: int) -> int:
     return value
 
 
-def check_size(model: LoadedModel, width: int, height: int) -> None:
+# diffusers' StableDiffusion and StableDiffusionXL pipelines refuse sizes that are not
+# multiples of 8 (their check_inputs), whatever the VAE's own scale factor is
+_UNET_PIPELINE_MULTIPLE = 8
+
+
+def sampling_multiple(model: LoadedModel) -> int:
+    """What sampled widths and heights must be a multiple of (pixels)."""
     m = model.size_multiple
+    return math.lcm(m, _UNET_PIPELINE_MULTIPLE) if model.family.denoiser == "unet" else m
+
+
+def check_size(model: LoadedModel, width: int, height: int) -> None:
+    m = sampling_multiple(model)
     for name, v in (("width", width), ("height", height)):
         _check_int(name, v, m)
         if v % m:
@@ -109,6 +121,11 @@ def sample(
     if output not in ("image", "latent"):
         raise LycorisError(f"output must be 'image' or 'latent', got {output!r}")
     _check_int("steps", steps, 1)
+    if steps > MAX_SAMPLING_STEPS:
+        raise LycorisError(
+            f"steps {steps} is more than {MAX_SAMPLING_STEPS} (limits.MAX_SAMPLING_STEPS); "
+            "25 to 50 is usual"
+        )
     limit = getattr(getattr(model.pipe, "scheduler", None), "config", {}).get("num_train_timesteps")
     if limit and fam.denoiser == "unet" and steps >= limit:  # DDPM-style schedulers
         raise LycorisError(

@@ -116,9 +116,15 @@ def resolve(kind: str, name: str) -> Path | None:
         found = folder_paths.get_full_path(kind, name)  # files only
         if found:
             return Path(found)
+    from ..lycoris_core.errors import PathError
+    from ..lycoris_core.paths import inside
+
     for root in folders(kind):
-        candidate = (root / name).resolve()
-        if root.resolve() in candidate.parents and candidate.exists():
+        try:  # lexically inside the folder; links in it are followed (as ComfyUI does)
+            candidate = inside(root, name, f"{kind} name")
+        except PathError:
+            return None
+        if candidate.exists():
             return candidate
     return None
 

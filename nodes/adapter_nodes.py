@@ -11,6 +11,7 @@ from ..lycoris_core import LycorisConfig, coverage, load_adapter
 from ..lycoris_core.config import ALGOS, SEED_EXAMPLE, algo_supports
 from ..lycoris_core.errors import ConfigError
 from ..lycoris_core.io import write_safetensors
+from ..lycoris_core.paths import output_child
 from ..lycoris_core.report import describe, format_report
 from . import _host
 from .handles import (
@@ -292,6 +293,10 @@ class LoadLycoris(LycorisNode):
         return (load_adapter(_host.resolve("loras", lycoris_name)),)
 
 
+def _stem(file_name: Any) -> Any:
+    return file_name.removesuffix(".safetensors") if isinstance(file_name, str) else file_name
+
+
 class SaveLycoris(LycorisNode):
     DESCRIPTION = (
         "Save an adapter (tensors and metadata) into models/loras/lycoris/<name>.safetensors."
@@ -317,12 +322,12 @@ class SaveLycoris(LycorisNode):
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, file_name: str) -> bool | str:
-        return check_output_name(file_name.removesuffix(".safetensors"), "file_name") or True
+    def VALIDATE_INPUTS(cls, file_name: str | None) -> bool | str:
+        return check_output_name(_stem(file_name), "file_name") or True
 
     def run(self, adapter: Any, file_name: str) -> dict[str, Any]:
-        name = file_name.removesuffix(".safetensors") + ".safetensors"
-        target = _host.primary_folder("loras") / OUTPUT_SUBFOLDER / name
+        folder = _host.primary_folder("loras") / OUTPUT_SUBFOLDER
+        target = output_child(folder, _stem(file_name), "file_name", ".safetensors")
         tensors = {
             f"{layer}.{key}": t
             for layer, la in adapter.layers.items()

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from ..lycoris_core.errors import PathError
+from ..lycoris_core.paths import existing_folder
 from ..lycoris_core.training import DatasetSpec
 from . import _host
 from .handles import DATASET, LycorisNode
@@ -22,7 +24,7 @@ def _dataset_folder(folder: str) -> Path:
         from ..lycoris_core.training.synthetic import make_demo_dataset
 
         return make_demo_dataset(_host.temp_dir() / "lycoris-demo-dataset", count=8, size=32)
-    return Path(folder).expanduser()
+    return existing_folder(folder, "dataset folder")
 
 
 def _bucket_inputs() -> dict[str, Any]:
@@ -97,21 +99,21 @@ class DatasetFromFolder(_DatasetNode):
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, folder: str) -> bool | str:
-        if folder.strip() == DEMO_DATASET:
-            return True
-        if not folder.strip() or not Path(folder).expanduser().is_dir():
-            return (
-                f"dataset folder {folder!r} does not exist; give the full path of a folder of "
-                f"images (or '{DEMO_DATASET}' for the built-in demo images)"
-            )
+    def VALIDATE_INPUTS(cls, folder: str | None) -> bool | str:
+        if folder is None or folder.strip() == DEMO_DATASET:
+            return True  # None: a linked input, checked when the node runs
+        try:
+            existing_folder(folder, "dataset folder")
+        except PathError as exc:
+            return f"{exc} (or '{DEMO_DATASET}' for the built-in demo images)"
         return True
 
     @classmethod
     def IS_CHANGED(cls, folder: str, **kwargs: Any) -> str:
-        root = _dataset_folder(folder)
-        if not root.is_dir():
-            return folder
+        try:
+            root = _dataset_folder(folder)
+        except PathError:
+            return str(folder)
         stamp = [
             (str(p), p.stat().st_mtime_ns, p.stat().st_size)
             for p in sorted(root.rglob("*"))

@@ -8,11 +8,11 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 
 from ..lycoris_core import Adapter
 from ..lycoris_core.models import LoadedModel
+from ..lycoris_core.paths import name_problem
 
 MODEL = "LYCORIS_MODEL"
 ADAPTER = "LYCORIS_ADAPTER"
@@ -20,17 +20,15 @@ CONFIG = "LYCORIS_CONFIG"
 DATASET = "LYCORIS_DATASET"
 CATEGORY = "LyCORIS"
 OUTPUT_SUBFOLDER = "lycoris"  # our files inside ComfyUI's loras folder
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
 
 
-def check_output_name(name: str, what: str = "name") -> str | None:
-    """None if `name` is a safe file/folder name, else the error text (no paths, no '..')."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
-        return (
-            f"{what} {name!r} must be a plain name (letters, digits, space . _ -, no '/' or "
-            "'..', at most 100 characters); it is saved inside ComfyUI's models folder"
-        )
-    return None
+def check_output_name(name: str | None, what: str = "name") -> str | None:
+    """For ``VALIDATE_INPUTS``: None if `name` is a safe file/folder name, else the error
+    text. ComfyUI passes None for a linked input (its value is not known yet): the node's
+    ``run`` checks it again where it builds the path (``paths.output_child``)."""
+    if name is None:
+        return None
+    return name_problem(name, what)
 
 
 class LycorisNode:

@@ -9,8 +9,10 @@ from typing import Any
 import torch
 
 from ..lycoris_core.device import DTYPES, OFFLOAD_MODES
+from ..lycoris_core.limits import MAX_SAMPLING_STEPS, MAX_STRENGTH
 from ..lycoris_core.models import from_pipeline, load_model, save_merged
 from ..lycoris_core.patching import MODES
+from ..lycoris_core.paths import output_child
 from ..lycoris_core.previews import step_preview
 from ..lycoris_core.sampling import SamplingCancelled, StepInfo, sample
 from ..lycoris_core.tiny import FAMILIES as TINY_FAMILIES
@@ -81,7 +83,9 @@ class LoadDiffusersModel(LycorisNode):
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model: str, config_folder: str = NONE) -> bool | str:
+    def VALIDATE_INPUTS(cls, model: str | None, config_folder: str | None = NONE) -> bool | str:
+        if model is None or config_folder is None:
+            return True  # a linked input: checked when the node runs
         if model not in model_choices():
             return f"model {model!r} is not in ComfyUI's model folders; refresh the node list"
         if model.startswith(FILE_PREFIX) and config_folder == NONE:
@@ -133,8 +137,8 @@ class ApplyLycoris(LycorisNode):
                     "FLOAT",
                     {
                         "default": 1.0,
-                        "min": -10.0,
-                        "max": 10.0,
+                        "min": -MAX_STRENGTH,
+                        "max": MAX_STRENGTH,
                         "step": 0.01,
                         "tooltip": "LyCORIS' own multiplier semantics; 0 = off, negative inverts.",
                     },
@@ -226,7 +230,12 @@ class SampleLycoris(LycorisNode):
                 ),
                 "steps": (
                     "INT",
-                    {"default": 28, "min": 1, "max": 1000, "tooltip": "Denoising steps."},
+                    {
+                        "default": 28,
+                        "min": 1,
+                        "max": MAX_SAMPLING_STEPS,
+                        "tooltip": "Denoising steps.",
+                    },
                 ),
                 "guidance": (
                     "FLOAT",
@@ -317,10 +326,10 @@ class SaveMergedModel(LycorisNode):
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, folder_name: str) -> bool | str:
+    def VALIDATE_INPUTS(cls, folder_name: str | None) -> bool | str:
         return check_output_name(folder_name, "folder_name") or True
 
     def run(self, model: ModelHandle, folder_name: str) -> dict[str, Any]:
-        target = _host.primary_folder("diffusers") / folder_name
+        target = output_child(_host.primary_folder("diffusers"), folder_name, "folder_name")
         path = save_merged(model.model, list(model.adapters), target)
         return {"ui": {"text": [str(path)]}, "result": (str(path),)}

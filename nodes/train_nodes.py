@@ -11,6 +11,8 @@ from typing import Any
 import torch
 
 from ..lycoris_core import load_adapter, schema
+from ..lycoris_core.limits import MAX_STRENGTH
+from ..lycoris_core.paths import output_child
 from ..lycoris_core.plots import loss_curve_image, to_image_tensor
 from ..lycoris_core.training import DatasetSpec, TrainSpec, TrainStepInfo
 from ..lycoris_core.training.job import TrainJob, latest_checkpoint, prompts_from_text, summarize
@@ -206,8 +208,8 @@ class TrainLycoris(LycorisNode):
                     "FLOAT",
                     {
                         "default": 1.0,
-                        "min": -10.0,
-                        "max": 10.0,
+                        "min": -MAX_STRENGTH,
+                        "max": MAX_STRENGTH,
                         "step": 0.05,
                         "tooltip": "The seed's field: adapter strength for validation images.",
                     },
@@ -233,7 +235,7 @@ class TrainLycoris(LycorisNode):
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, output_name: str) -> bool | str:
+    def VALIDATE_INPUTS(cls, output_name: str | None) -> bool | str:
         return check_output_name(output_name, "output_name") or True
 
     def run(
@@ -245,7 +247,8 @@ class TrainLycoris(LycorisNode):
         unique_id: str | None = None,
         **params: Any,
     ) -> dict[str, Any]:
-        out = _host.primary_folder("loras") / OUTPUT_SUBFOLDER / f"{output_name}.safetensors"
+        folder = _host.primary_folder("loras") / OUTPUT_SUBFOLDER
+        out = output_child(folder, output_name, "output_name", ".safetensors")
         job = TrainJob.prepare(_train_spec(model, config, dataset, out, params), model.describe())
         if job.reused is not None:
             return _outputs(load_adapter(out), out, job.reused, None)

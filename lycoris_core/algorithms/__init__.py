@@ -49,6 +49,7 @@ __all__ = [
     "Algorithm",
     "Contribution",
     "accumulate",
+    "check_layer",
     "delta",
     "detect",
     "dynamic_contribution",
@@ -85,6 +86,17 @@ def detect(name: str, tensors: Mapping[str, torch.Tensor], config: Any = None) -
     raise AdapterFormatError(
         f"layer '{name}' has tensors {sorted(tensors)} that match no LyCORIS algorithm"
     )
+
+
+def check_layer(layer: Layer, source: str) -> None:
+    """Raise :class:`AdapterFormatError` unless the layer's tensors are a valid set for its
+    algorithm (:meth:`Algorithm.check`: scalars, shapes, ranks, finite values)."""
+    problem = REGISTRY[layer.algo].check(layer)
+    if problem is not None:
+        raise AdapterFormatError(
+            f"{source}: layer '{layer.name}' ({layer.algo}): {problem}; the file is damaged or "
+            "was not written by a LyCORIS trainer"
+        )
 
 
 def layer_label(layer: Layer) -> str:

@@ -58,6 +58,8 @@ class Algorithm(ABC):
     """Module types a layer can adapt."""
     scaled: ClassVar[bool] = False
     """Whether the forward applies an alpha/rank scale (shown by the inspect report)."""
+    scalars: ClassVar[tuple[str, ...]] = ("alpha",)
+    """Suffixes holding one number (any shape with one element); the others are arrays."""
 
     # ------------------------------------------------------------------ file format
     @property
@@ -67,6 +69,25 @@ class Algorithm(ABC):
     @abstractmethod
     def detect(self, tensors: Mapping[str, torch.Tensor], config: Any) -> bool:
         """Whether a layer with these tensors (and the file's LycorisConfig or None) is ours."""
+
+    def check(self, layer: Layer) -> str | None:
+        """None if the layer's tensors are a valid set for this algorithm, else the problem.
+
+        The default: scalars hold one number, other tensors are non-empty arrays, every value
+        is finite. Algorithms add their own rules (required combinations, ranks and shapes
+        that must agree within the layer) by overriding and calling this first.
+        """
+        for suffix, t in layer.tensors.items():
+            if not isinstance(t, torch.Tensor):
+                return f"'{suffix}' is not a tensor"
+            if suffix in self.scalars:
+                if t.numel() != 1:
+                    return f"'{suffix}' must be one number, got shape {tuple(t.shape)}"
+            elif t.dim() == 0 or t.numel() == 0:
+                return f"'{suffix}' must be a non-empty array, got shape {tuple(t.shape)}"
+            if not _finite(t):
+                return f"'{suffix}' holds inf or NaN values"
+        return None
 
     def options(self, keywords: Mapping[str, Any]) -> dict[str, Any]:
         """Per-layer options read from the file's ``lycoris_config`` keywords."""
@@ -126,6 +147,24 @@ class Algorithm(ABC):
     def describe(self, layer: Layer) -> dict[str, Any]:
         """Algorithm-specific entries of the inspect report (after rank and alpha)."""
         return {}
+
+
+def _finite(t: torch.Tensor) -> bool:
+    if not (t.is_floating_point() or t.is_complex()):
+        return True
+    try:
+        return bool(torch.isfinite(t).all())
+    except (RuntimeError, TypeError):  # dtypes without isfinite (float8): check as float32
+        return bool(torch.isfinite(t.float()).all())
+
+
+def agree(*pairs: tuple[str, int, str, int]) -> str | None:
+    """None if each ``(name_a, size_a, name_b, size_b)`` has equal sizes, else the first
+    disagreement as text (for :meth:`Algorithm.check`)."""
+    for name_a, a, name_b, b in pairs:
+        if a != b:
+            return f"{name_a} ({a}) does not match {name_b} ({b})"
+    return None
 
 
 def alpha_or_rank(layer: Layer, rank: int) -> float:

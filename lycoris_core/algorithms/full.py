@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ._common import Contribution, cast, f32, layer_op
-from .base import Algorithm, Layer, shape_or_none
+from .base import Algorithm, Layer, agree, shape_or_none
 
 DIFF, DIFF_B = "diff", "diff_b"
 
@@ -30,6 +30,13 @@ class Full(Algorithm):
 
     def detect(self, tensors: Mapping[str, torch.Tensor], config: Any) -> bool:
         return DIFF in tensors
+
+    def check(self, layer: Layer) -> str | None:
+        t = layer.tensors
+        problem = super().check(layer)
+        if problem or DIFF_B not in t:
+            return problem
+        return agree(("diff_b size", t[DIFF_B].numel(), "diff dim 0", t[DIFF].shape[0]))
 
     def mismatch(self, layer: Layer, weight: torch.Tensor) -> str | None:
         diff = layer.tensors[DIFF]

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ._common import f32
-from .base import Layer, LowRank, alpha_or_rank, shape_or_none
+from .base import Layer, LowRank, agree, alpha_or_rank, shape_or_none
 
 A1, A2, B1, B2, BM = "a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight"
 
@@ -27,6 +27,17 @@ class GLoRA(LowRank):
 
     def options(self, keywords: Mapping[str, Any]) -> dict[str, Any]:
         return {"rs_lora": bool(keywords.get("rs_lora", False))}
+
+    def check(self, layer: Layer) -> str | None:
+        t = layer.tensors
+        problem = super().check(layer)
+        if problem:
+            return problem
+        inner = t[A1].numel() // t[A1].shape[0]
+        problem = agree(("a1 columns", inner, "a2 dim 0", t[A2].shape[0]))
+        if problem or BM in t:
+            return problem
+        return agree(("b1 columns", t[B1].numel() // t[B1].shape[0], "b2 dim 0", t[B2].shape[0]))
 
     def rank(self, layer: Layer) -> int | None:
         return layer.tensors[A2].shape[0]

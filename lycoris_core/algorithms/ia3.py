@@ -26,6 +26,7 @@ class IA3Scaling(Algorithm):
     name = "ia3"
     suffixes = (VECTOR, ON_INPUT)
     required = (VECTOR, ON_INPUT)
+    scalars = (ON_INPUT,)
 
     def detect(self, tensors: Mapping[str, torch.Tensor], config: Any) -> bool:
         return ON_INPUT in tensors

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._common import Contribution, cast, f32, is_conv, layer_op, plain_conv
-from .base import Layer, LowRank, shape_or_none
+from .base import Layer, LowRank, agree, shape_or_none
 from .dora import DORA
 
 UP, DOWN, MID = "lora_up.weight", "lora_down.weight", "lora_mid.weight"
@@ -26,6 +26,19 @@ class LoCon(LowRank):
 
     def detect(self, tensors: Mapping[str, torch.Tensor], config: Any) -> bool:
         return UP in tensors
+
+    def check(self, layer: Layer) -> str | None:
+        t = layer.tensors
+        problem = super().check(layer)
+        if problem or MID not in t:
+            return problem or agree(("up dim 1", t[UP].shape[1], "down dim 0", t[DOWN].shape[0]))
+        up, down, mid = t[UP], t[DOWN], t[MID]
+        if mid.dim() < 2:
+            return f"'{MID}' must have at least 2 dimensions, got shape {tuple(mid.shape)}"
+        return agree(
+            ("mid dim 0", mid.shape[0], "up dim 1", up.shape[1]),
+            ("mid dim 1", mid.shape[1], "down dim 0", down.shape[0]),
+        )
 
     def rank(self, layer: Layer) -> int | None:
         return layer.tensors[DOWN].shape[0]

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ._common import f32
-from .base import Layer, LowRank, shape_or_none
+from .base import Layer, LowRank, agree, shape_or_none
 from .dora import DORA
 
 W1A, W1B, W2A, W2B = "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"
@@ -25,6 +25,29 @@ class LoHa(LowRank):
 
     def detect(self, tensors: Mapping[str, torch.Tensor], config: Any) -> bool:
         return W1A in tensors
+
+    def check(self, layer: Layer) -> str | None:
+        problem = super().check(layer)
+        if problem:
+            return problem
+        t = layer.tensors
+        if any(t[s].dim() < 2 for s in (W1A, W1B, W2A, W2B)):
+            return "hada_w1_a/b and hada_w2_a/b must be matrices"
+        if T1 in t or T2 in t:  # tucker: t [r, r, k...], w*_a [r, out], w*_b [r, in]
+            if T1 not in t or T2 not in t:
+                return "a tucker LoHa layer needs both hada_t1 and hada_t2"
+            return agree(
+                ("hada_t1 dim 0", t[T1].shape[0], "hada_w1_a dim 0", t[W1A].shape[0]),
+                ("hada_t1 dim 1", t[T1].shape[1], "hada_w1_b dim 0", t[W1B].shape[0]),
+                ("hada_t2 dim 0", t[T2].shape[0], "hada_w2_a dim 0", t[W2A].shape[0]),
+                ("hada_t2 dim 1", t[T2].shape[1], "hada_w2_b dim 0", t[W2B].shape[0]),
+            )
+        return agree(
+            ("hada_w1_a dim 1", t[W1A].shape[1], "hada_w1_b dim 0", t[W1B].shape[0]),
+            ("hada_w2_a dim 1", t[W2A].shape[1], "hada_w2_b dim 0", t[W2B].shape[0]),
+            ("hada_w1_a dim 0", t[W1A].shape[0], "hada_w2_a dim 0", t[W2A].shape[0]),
+            ("hada_w1_b dim 1", t[W1B].shape[1], "hada_w2_b dim 1", t[W2B].shape[1]),
+        )
 
     def rank(self, layer: Layer) -> int | None:
         return layer.tensors[W1B].shape[0]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ._common import Contribution, cast, f32, is_conv
-from .base import Layer, LowRank, shape_or_none
+from .base import Layer, LowRank, agree, shape_or_none
 from .dora import DORA
 
 W1, W1A, W1B = "lokr_w1", "lokr_w1_a", "lokr_w1_b"
@@ -35,6 +35,27 @@ class LoKr(LowRank):
 
     def detect(self, tensors: Mapping[str, torch.Tensor], config: Any) -> bool:
         return W1 in tensors or W1A in tensors
+
+    def check(self, layer: Layer) -> str | None:
+        problem = super().check(layer)
+        if problem:
+            return problem
+        t = layer.tensors
+        for full, a, b, which in ((W1, W1A, W1B, "w1"), (W2, W2A, W2B, "w2")):
+            if full not in t and not (a in t and b in t):
+                return f"missing its {which} factor ('{full}', or '{a}' and '{b}')"
+        if W1 not in t and t[W1A].dim() == 2 and t[W1B].dim() == 2:
+            problem = agree(
+                ("lokr_w1_a dim 1", t[W1A].shape[1], "lokr_w1_b dim 0", t[W1B].shape[0])
+            )
+        if problem or W2 in t:
+            return problem
+        if T2 in t:  # tucker: t2 [r, r, k...], w2_a [r, out], w2_b [r, in]
+            return agree(
+                ("lokr_t2 dim 0", t[T2].shape[0], "lokr_w2_a dim 0", t[W2A].shape[0]),
+                ("lokr_t2 dim 1", t[T2].shape[1], "lokr_w2_b dim 0", t[W2B].shape[0]),
+            )
+        return agree(("lokr_w2_a dim 1", t[W2A].shape[-1], "lokr_w2_b dim 0", t[W2B].shape[0]))
 
     def rank(self, layer: Layer) -> int | None:
         t = layer.tensors

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._common import Contribution, f32
-from .base import Algorithm, Layer, shape_or_none
+from .base import Algorithm, Layer, agree, shape_or_none
 
 W_NORM, B_NORM = "w_norm", "b_norm"
 
@@ -23,6 +23,13 @@ class Norm(Algorithm):
 
     def detect(self, tensors: Mapping[str, torch.Tensor], config: Any) -> bool:
         return W_NORM in tensors
+
+    def check(self, layer: Layer) -> str | None:
+        t = layer.tensors
+        problem = super().check(layer)
+        if problem or B_NORM not in t:
+            return problem
+        return agree(("b_norm size", t[B_NORM].numel(), "w_norm size", t[W_NORM].numel()))
 
     def mismatch(self, layer: Layer, weight: torch.Tensor) -> str | None:
         flat_in = int(math.prod(weight.shape[1:]))

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ._common import Contribution, bias_view, cast, channel_back, channel_last, f32, is_conv
-from .base import Algorithm, Layer, shape_or_none
+from .base import Algorithm, Layer, agree, shape_or_none
 
 BLOCKS, RESCALE = "oft_blocks", "rescale"
 
@@ -32,6 +32,18 @@ class _OFT(Algorithm):
 
     def detect(self, tensors: Mapping[str, torch.Tensor], config: Any) -> bool:
         return BLOCKS in tensors and tensors[BLOCKS].ndim == self.blocks_ndim
+
+    def check(self, layer: Layer) -> str | None:
+        t = layer.tensors
+        problem = super().check(layer)
+        if problem:
+            return problem
+        blocks = t[BLOCKS]
+        problem = agree(("oft_blocks dim -1", blocks.shape[-1], "dim -2", blocks.shape[-2]))
+        if problem or RESCALE not in t:
+            return problem
+        out_dim = blocks.shape[-3] * blocks.shape[-1]
+        return agree(("rescale size", t[RESCALE].numel(), "output channels", out_dim))
 
     def mismatch(self, layer: Layer, weight: torch.Tensor) -> str | None:
         blocks = layer.tensors[BLOCKS]

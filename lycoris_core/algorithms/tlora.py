@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import AdapterFormatError
 from ._common import Contribution, cast, f32, is_conv
-from .base import Layer, LowRank, shape_or_none
+from .base import Layer, LowRank, agree, shape_or_none
 
 Q, P, LAMBDA = "q_layer.weight", "p_layer.weight", "lambda_layer"
 
@@ -60,6 +60,21 @@ class TLoRA(LowRank):
             "sig_type": keywords.get("sig_type", "principal"),
             "use_data_init": keywords.get("use_data_init", True),
         }
+
+    def check(self, layer: Layer) -> str | None:
+        t = layer.tensors
+        problem = super().check(layer)
+        if problem:
+            return problem
+        return agree(
+            (
+                "q_layer dim 0",
+                t[Q].shape[0],
+                "p_layer dim 1",
+                t[P].shape[-1] if t[P].dim() > 1 else 0,
+            ),
+            ("lambda_layer size", t[LAMBDA].numel(), "q_layer dim 0", t[Q].shape[0]),
+        )
 
     def rank(self, layer: Layer) -> int | None:
         return layer.tensors[Q].shape[0]

@@ -13,7 +13,9 @@ A checkpoint is a folder ``<run>-checkpoints/step-000010/`` holding
 
 The folder is filled under a temporary name (``.step-000010.tmp``, the same for every process
 of a distributed run) and renamed into place, so a crash mid-write leaves the previous
-checkpoints intact and never a half-written one.
+checkpoints intact and never a half-written one. While it is filled it holds an ``.owner``
+file naming the writing process; the staging folders of killed runs are removed when a run
+starts or resumes (:func:`lycoris_core.tempfiles.clean_stale`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 
 from ..errors import LycorisError
 from ..io import write_safetensors
+from ..tempfiles import clear_owner, mark_owner
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 STATE_DIR = "state"
@@ -82,6 +85,7 @@ def begin_checkpoint(folder: str | os.PathLike[str], step: int) -> Path:
     if staging.exists():  # left over by a crash during an earlier save of this step
         shutil.rmtree(staging)
     staging_state(folder, step).mkdir(parents=True)
+    mark_owner(staging)  # which process fills it: a killed one's is cleaned (tempfiles)
     return staging_state(folder, step)
 
 
@@ -96,6 +100,7 @@ def finish_checkpoint(
     staging, ckpt = _staging(folder, step), checkpoint_at(folder, step)
     write_safetensors(staging / "adapter.safetensors", adapter_tensors, metadata)
     (staging / "spec.json").write_text(json.dumps(spec, indent=2, default=str), encoding="utf-8")
+    clear_owner(staging)
     for file in staging.rglob("*"):
         if file.is_file():
             with open(file, "rb+") as fh:

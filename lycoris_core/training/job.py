@@ -165,6 +165,7 @@ class TrainJob:
 
         `model_description` identifies the model in the fingerprint (default: its source).
         """
+        spec.validate()  # fields and outputs, before the model and the dataset load
         model = spec.base
         if not isinstance(model, LoadedModel):
             model = load_model(model, config_dir=spec.config_dir)

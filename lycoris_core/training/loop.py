@@ -9,7 +9,9 @@ DDP and the checkpoint state, in a single process as under ``accelerate launch``
 Safety: the first non-finite loss or gradient raises :class:`TrainingAborted` (naming the step
 and the last good checkpoint); ``should_stop()`` saves a resumable checkpoint and returns a
 partial result; an exception from ``on_step`` (ComfyUI raises its interrupt there) also saves
-first. Whatever happens, the lycoris network is removed from the model at the end, so the base
+first. Before anything loads, the outputs are checked (``TrainSpec.validate``) and the temp
+files and checkpoint staging folders that killed runs of this output left are removed.
+Whatever happens, the lycoris network is removed from the model at the end, so the base
 model is left as it was. Runs outside ``torch.inference_mode`` even when called inside one.
 """
 
@@ -29,7 +31,8 @@ from ..adapters import Adapter, adapter_from_state_dict
 from ..config import LycorisConfig
 from ..device import training_attention
 from ..targeting import create_network
-from .checkpoint import Checkpoint, CheckpointError, resolve_resume
+from ..tempfiles import clean_stale
+from .checkpoint import Checkpoint, CheckpointError, checkpoints_dir, resolve_resume
 from .engine import Engine
 from .optim import build_optimizer, build_scheduler
 from .progress import Progress
@@ -72,6 +75,9 @@ def train(
     ``on_validation(step, images)`` receives each set of validation images as it is made.
     """
     spec.validate()
+    out = Path(spec.output)  # temp files and staging folders of killed runs (tempfiles.py)
+    clean_stale(out.parent, out.name)
+    clean_stale(checkpoints_dir(out))
     with torch.inference_mode(False), torch.enable_grad():
         session = Session(spec)
         start = time.perf_counter()

@@ -16,8 +16,10 @@ import torch
 
 from ..adapters import Adapter
 from ..config import LycorisConfig
-from ..errors import LycorisError
+from ..errors import LycorisError, PathError
+from ..limits import check_strength
 from ..models import LoadedModel
+from ..paths import check_output_file
 from .dataset import DatasetSpec, TrainingData
 from .objectives import ObjectiveOptions
 
@@ -88,10 +90,21 @@ class TrainSpec:
             str(self.output).endswith(".safetensors"),
             f"output must be a .safetensors path, got {self.output!r}",
         )
-        need(
-            math.isfinite(self.validation_lycoris_strength),
-            "validation_lycoris_strength must be a finite number",
-        )
+        check_strength(self.validation_lycoris_strength, "validation_lycoris_strength")
+        self.check_outputs()
+
+    def check_outputs(self) -> None:
+        """Before any work: the output file, its checkpoints and validation folders can be
+        written (:class:`~lycoris_core.errors.PathError` otherwise)."""
+        from .checkpoint import checkpoints_dir
+
+        out = check_output_file(self.output, "output")
+        for folder in (checkpoints_dir(out), out.with_name(out.stem + "-validation")):
+            if folder.exists() and not folder.is_dir():
+                raise PathError(
+                    f"output {out}: {folder} is a file, but the run keeps its checkpoints and "
+                    "validation images in that folder; move the file or choose another output"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         out = {}

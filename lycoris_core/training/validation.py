@@ -12,10 +12,10 @@ from .session import Session
 
 def validation_images(session: Session, net: Any, step: int) -> torch.Tensor:
     """Images ``[N, H, W, C]`` of the validation prompts at this step, also written as PNGs."""
-    from ..sampling import sample
+    from ..sampling import sample, sampling_multiple
 
     spec = session.spec
-    m = session.model.size_multiple
+    m = sampling_multiple(session.model)
     side = max(m, spec.dataset.resolution // m * m)
     net.set_multiplier(spec.validation_lycoris_strength)
     net.eval()
