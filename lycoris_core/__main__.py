@@ -1,7 +1,8 @@
 """Command line: ``python -m lycoris_core {demo, train, sample, inspect, make-tiny} ...``.
 
 Errors of this library are printed as one line (type and message, which carries the fix)
-and exit with status 2; anything else is a bug and keeps its traceback.
+and exit with status 2; anything else is a bug and keeps its traceback. Output paths are
+checked before any model loads or any work starts.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from typing import Any
 import torch
 
 from .errors import LycorisError
+from .limits import check_strength
+from .paths import check_output_file, check_output_folder
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
     from .tiny import make_tiny
 
+    check_output_folder(args.out, "--out")
     out = make_tiny(args.family, args.out, seed=args.seed)
     print(f"saved tiny {args.family} pipeline (seed {args.seed}) to {out}")
     return 0
@@ -71,6 +75,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from .models import load_model
     from .sampling import sample
 
+    check_output_file(args.out, "--out")
+    pairs = [_adapter_arg(a) for a in args.adapter]
+    for path, strength in pairs:
+        check_strength(strength, f"--adapter {path}: strength")
+    adapters = [(load_adapter(path), strength) for path, strength in pairs]
     model = load_model(
         args.base,
         config_dir=args.config_dir,
@@ -78,8 +87,6 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         device=args.device,
         offload=args.offload,
     )
-    pairs = [_adapter_arg(a) for a in args.adapter]
-    adapters = [(load_adapter(path), strength) for path, strength in pairs]
     bar = tqdm(desc="sampling", unit="step", disable=args.json, file=sys.stderr)
 
     def on_step(info: Any) -> None:
@@ -165,6 +172,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .training.loop import TrainSpec, train
     from .training.objectives import ObjectiveOptions
 
+    check_output_file(args.out, "--out")
+    config = LycorisConfig.from_file(args.config)  # before the model loads
     model = load_model(args.base, config_dir=args.config_dir, dtype=args.dtype, device=args.device)
     dataset = DatasetSpec(
         folder=args.data,
@@ -180,7 +189,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     spec = TrainSpec(
         base=model,
-        config=LycorisConfig.from_file(args.config),
+        config=config,
         dataset=dataset,
         output=args.out,
         steps=args.steps,
@@ -323,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(text: str) -> str:
+    """A multi-line message as one line (the CLI prints every error on one line)."""
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -332,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except LycorisError as exc:
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"error: {type(exc).__name__}: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()

@@ -222,7 +222,7 @@ def _metadata_config(meta: dict[str, str], source: str) -> LycorisConfig | None:
         return None
     try:
         return LycorisConfig.from_dict(json.loads(raw), source=f"{source} (lycoris_config)")
-    except (json.JSONDecodeError, ConfigError, TypeError) as exc:
+    except (ConfigError, TypeError, ValueError, RecursionError) as exc:  # hostile JSON too
         logger.warning("%s: ignoring unreadable lycoris_config metadata: %s", source, exc)
         return None
 

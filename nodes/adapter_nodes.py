@@ -9,7 +9,7 @@ from typing import Any
 
 from ..lycoris_core import LycorisConfig, coverage, load_adapter
 from ..lycoris_core.config import ALGOS, SEED_EXAMPLE, algo_supports
-from ..lycoris_core.errors import ConfigError
+from ..lycoris_core.errors import AdapterFormatError, ConfigError
 from ..lycoris_core.io import write_safetensors
 from ..lycoris_core.paths import output_child
 from ..lycoris_core.report import describe, format_report
@@ -34,6 +34,11 @@ def _json_field(text: str, name: str) -> dict:
         raise ConfigError(
             f"LyCORIS Config node: '{name}' is not valid JSON (line {exc.lineno} column "
             f'{exc.colno}: {exc.msg}); write a JSON object like {{"factor": 4}}'
+        ) from None
+    except (RecursionError, ValueError) as exc:  # nested too deep, an integer too long
+        raise ConfigError(
+            f"LyCORIS Config node: '{name}' cannot be read ({type(exc).__name__}); write a "
+            'small JSON object like {"factor": 4}'
         ) from None
     if not isinstance(value, dict):
         raise ConfigError(f"LyCORIS Config node: '{name}' must be a JSON object, got {value!r}")
@@ -282,15 +287,20 @@ class LoadLycoris(LycorisNode):
         return f"{lycoris_name}:{st.st_size}:{st.st_mtime_ns}"
 
     @classmethod
-    def VALIDATE_INPUTS(cls, lycoris_name: str) -> bool | str:
-        if _host.resolve("loras", lycoris_name) is None:
+    def VALIDATE_INPUTS(cls, lycoris_name: str | None) -> bool | str:
+        if lycoris_name is not None and _host.resolve("loras", lycoris_name) is None:
             return (
                 f"LyCORIS file {lycoris_name!r} is not in the loras folder; refresh the node list"
             )
         return True
 
     def run(self, lycoris_name: str) -> tuple[Any]:
-        return (load_adapter(_host.resolve("loras", lycoris_name)),)
+        path = _host.resolve("loras", lycoris_name)
+        if path is None:  # also a linked name, which VALIDATE_INPUTS did not see
+            raise AdapterFormatError(
+                f"LyCORIS file {lycoris_name!r} is not in the loras folder; refresh the node list"
+            )
+        return (load_adapter(path),)
 
 
 def _stem(file_name: Any) -> Any:

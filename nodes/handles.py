@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..lycoris_core import Adapter
+from ..lycoris_core.limits import check_strength
 from ..lycoris_core.models import LoadedModel
 from ..lycoris_core.paths import name_problem
 
@@ -47,7 +48,8 @@ class ModelHandle:
     mode: str = "merge"
 
     def with_adapter(self, adapter: Adapter, strength: float, mode: str) -> ModelHandle:
-        return replace(self, adapters=(*self.adapters, (adapter, float(strength))), mode=mode)
+        s = check_strength(strength, f"{adapter.name}: strength")  # a linked FLOAT is unchecked
+        return replace(self, adapters=(*self.adapters, (adapter, s)), mode=mode)
 
     def describe(self) -> str:
         stack = ", ".join(f"{a.name}@{s:g}" for a, s in self.adapters) or "no adapters"
