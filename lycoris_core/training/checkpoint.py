@@ -182,6 +182,37 @@ def _legacy(folder: Path) -> bool:
     return (folder / "state.pt").is_file() and not (folder / STATE_DIR).is_dir()
 
 
+def _differences(saved: Any, current: Any, where: str = "") -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(saved) | set(current), key=str):
+            path = f"{where}.{key}" if where else str(key)
+            if key not in saved or key not in current:
+                side = "only in the checkpoint" if key in saved else "not in the checkpoint"
+                out.append(f"'{path}' {side}")
+            else:
+                out.extend(_differences(saved[key], current[key], path))
+        return out
+    return [] if saved == current else [f"'{where}' was {saved!r}, now {current!r}"]
+
+
+def check_same_config(checkpoint: Checkpoint, config: dict[str, Any]) -> None:
+    """Raise :class:`CheckpointError` naming the fields where `config` (a ``to_dict()``)
+    differs from the config the checkpoint was trained with (its ``spec.json``); a
+    checkpoint without a readable spec is left to the state loader's own checks."""
+    try:
+        saved = json.loads((checkpoint.path / "spec.json").read_text(encoding="utf-8"))["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    current = json.loads(json.dumps(config, default=str))  # as spec.json stores it
+    diff = _differences(saved, current)
+    if diff:
+        raise CheckpointError(
+            f"{checkpoint.path}: trained with another LyCORIS config ({'; '.join(diff[:5])}); "
+            "resume with the config of that run, or turn resume off to start a new run"
+        )
+
+
 def load_state(checkpoint: Checkpoint) -> dict[str, Any]:
     """The progress record of a checkpoint (step, kind, position, losses, noise states)."""
     path = checkpoint.state / PROGRESS_FILE

@@ -28,7 +28,13 @@ import torch
 from ..io import atomic_write
 from ..models import LoadedModel, load_model
 from ..schema import REUSED, TrainSummary
-from .checkpoint import CheckpointError, checkpoints_dir, list_checkpoints, resolve_resume
+from .checkpoint import (
+    CheckpointError,
+    check_same_config,
+    checkpoints_dir,
+    list_checkpoints,
+    resolve_resume,
+)
 from .dataset import TrainingData
 from .loop import TrainResult, TrainSpec, TrainStepInfo, train, training_dataset
 
@@ -104,15 +110,18 @@ def latest_checkpoint(output: str | os.PathLike[str]) -> str | None:
     return str(saved[-1].path) if saved else None
 
 
-def check_resume(resume: str | os.PathLike[str]) -> None:
-    """Before training starts: `resume` (a run's output, or a checkpoint) has a checkpoint."""
+def check_resume(resume: str | os.PathLike[str], config: dict[str, Any] | None = None) -> None:
+    """Before training starts: `resume` (a run's output, or a checkpoint) has a checkpoint,
+    trained with `config` (a ``LycorisConfig.to_dict()``) when given."""
     try:
-        resolve_resume(resume)
+        ckpt = resolve_resume(resume)
     except CheckpointError:
         raise CheckpointError(
             f"resume is on but {checkpoints_dir(Path(resume))} has no checkpoint; turn resume "
             "off to start a new run"
         ) from None
+    if config is not None:
+        check_same_config(ckpt, config)
 
 
 def summarize(result: TrainResult) -> dict[str, Any]:
@@ -179,7 +188,7 @@ class TrainJob:
         fingerprint = run_fingerprint(spec, data, model_description or model.source)
         reused = reusable_summary(spec.output, fingerprint)
         if reused is None and spec.resume:
-            check_resume(spec.resume)
+            check_resume(spec.resume, spec.config.to_dict())
         return cls(spec, fingerprint, reused)
 
     def run(

@@ -32,7 +32,13 @@ from ..config import LycorisConfig
 from ..device import training_attention
 from ..targeting import create_network
 from ..tempfiles import clean_stale
-from .checkpoint import Checkpoint, CheckpointError, checkpoints_dir, resolve_resume
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    check_same_config,
+    checkpoints_dir,
+    resolve_resume,
+)
 from .engine import Engine
 from .optim import build_optimizer, build_scheduler
 from .progress import Progress
@@ -129,6 +135,7 @@ class _Loop:
             self._resume(resolve_resume(spec.resume))
 
     def _resume(self, ckpt: Checkpoint) -> None:
+        check_same_config(ckpt, self.spec.config.to_dict())  # before shapes clash in the load
         self.engine.load(ckpt)
         states, rank = self.progress.noise_states, self.engine.rank
         if states is None or rank >= len(states):
