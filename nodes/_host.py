@@ -112,6 +112,8 @@ def list_diffusers_folders() -> list[str]:
 
 def resolve(kind: str, name: str) -> Path | None:
     """The full path of a relative name (a file or a folder) in a model kind, or None."""
+    if not isinstance(name, str):  # e.g. a linked input that has no value yet
+        return None
     if IN_COMFY:
         found = folder_paths.get_full_path(kind, name)  # files only
         if found:

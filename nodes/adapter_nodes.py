@@ -244,7 +244,7 @@ class LoadLycorisConfig(_ConfigNode):
 
     @staticmethod
     def _path(config_file: str, path: str) -> Path | None:
-        if path.strip():
+        if isinstance(path, str) and path.strip():
             return Path(os.path.expanduser(path.strip()))
         return _host.resolve(_host.CONFIG_FOLDER, config_file)
 

@@ -20,7 +20,7 @@ DEMO_DATASET = "demo: discs"
 
 def _dataset_folder(folder: str) -> Path:
     """The folder of a dataset; ``demo: discs`` is a small generated one (no download)."""
-    if folder.strip() == DEMO_DATASET:
+    if isinstance(folder, str) and folder.strip() == DEMO_DATASET:
         from ..lycoris_core.training.synthetic import make_demo_dataset
 
         return make_demo_dataset(_host.temp_dir() / "lycoris-demo-dataset", count=8, size=32)
