@@ -301,3 +301,17 @@ def test_a_symlinked_file_in_the_loras_folder_loads(nodes, tmp_path):
     assert load.VALIDATE_INPUTS(lycoris_name="linked.safetensors") is True
     adapter = load().run("linked.safetensors")[0]
     assert set(adapter.layers) == {"lycoris_x"}
+
+
+# --------------------------------------------------------------------------- the CLI
+def test_a_multi_line_error_prints_on_one_line(monkeypatch, capsys):
+    import lycoris_core.__main__ as cli
+    from lycoris_core.errors import ModelLoadError
+
+    def fails(args):
+        raise ModelLoadError("x: cannot load\n  - unet: missing\n  - vae: missing\n\nfix it")
+
+    monkeypatch.setattr(cli, "_cmd_inspect", fails)
+    assert cli.main(["inspect", "whatever.safetensors"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: ModelLoadError: x: cannot load; - unet: missing; - vae: missing; fix it"]
