@@ -15,7 +15,7 @@ test:
 
 lint:
 	@.ci/bootstrap
-	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(dir $(PY))lint-imports
 
 bench:
 	@.ci/bootstrap

@@ -453,6 +453,6 @@ def test_flux_transformer_config_rejects_bad_options() -> None:
 def test_every_listed_word_is_one_token(loaded: dict) -> None:
     pipe = loaded["sd3"]  # two CLIP tokenizers and a T5 one
     for tokenizer in (pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3):
-        for word in tiny._WORDS:
+        for word in tiny.vocabularies._WORDS:
             ids = tokenizer(word, add_special_tokens=False).input_ids
             assert len(ids) == 1, (type(tokenizer).__name__, word, ids)
