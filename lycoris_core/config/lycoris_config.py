@@ -85,6 +85,11 @@ class LycorisConfig:
                 f"{p}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}; "
                 "fix the JSON syntax (quoted keys, no trailing commas, no comments)"
             ) from None
+        except (RecursionError, ValueError) as exc:  # nested too deep; an integer too long
+            raise ConfigError(
+                f"{p}: cannot be read as a config ({type(exc).__name__}: nesting too deep or "
+                "a number too long); a lycoris_config.json is a small, flat JSON object"
+            ) from None
         return cls.from_dict(data, source=p)
 
     @classmethod

@@ -17,12 +17,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
+from ..limits import MAX_CONFIG_DIM
 
 logger = logging.getLogger(__package__)
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer too large for a float: not a usable number
+        return False
 
 
 _INVALID: Any = object()  # what a converter returns for a value it rejects
@@ -90,17 +96,17 @@ def _float_field(lo: float | None = None, hi: float | None = None) -> _Field:
     return _Field(desc, conv)
 
 
-def _int_field(lo: int) -> _Field:
+def _int_field(lo: int, hi: int = MAX_CONFIG_DIM) -> _Field:
     def conv(v: Any) -> Any:
         i = _as_int(v)
-        return i if i is not _INVALID and i >= lo else _INVALID
+        return i if i is not _INVALID and lo <= i <= hi else _INVALID
 
-    return _Field(f"an integer >= {lo}", conv)
+    return _Field(f"an integer >= {lo} (at most {hi})", conv)
 
 
 def _factor(v: Any) -> Any:
     i = _as_int(v)
-    return i if i is not _INVALID and (i == -1 or i >= 1) else _INVALID
+    return i if i is not _INVALID and (i == -1 or 1 <= i <= MAX_CONFIG_DIM) else _INVALID
 
 
 def _bool(v: Any) -> Any:
@@ -126,7 +132,7 @@ PROB = _float_field(0.0, 1.0)
 POS_INT = _int_field(1)
 NONNEG_INT = _int_field(0)
 BOOL = _Field("true or false", _bool)
-FACTOR = _Field("-1 (most balanced) or an integer >= 1", _factor)
+FACTOR = _Field(f"-1 (most balanced) or an integer >= 1 (at most {MAX_CONFIG_DIM})", _factor)
 
 
 def _edit_distance(a: str, b: str) -> int:

@@ -492,7 +492,7 @@ def test_from_file_error_names_file_and_json_path(tmp_path: Path) -> None:
         LycorisConfig.from_file(path)
     assert str(info.value).startswith(
         f"{path}: 'apply_preset.module_algo_map.FeedForward.factor' must be -1 (most balanced) "
-        'or an integer >= 1, got "4" (string)'
+        'or an integer >= 1 (at most 1000000), got "4" (string)'
     )
 
 

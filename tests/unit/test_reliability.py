@@ -315,3 +315,22 @@ def test_a_multi_line_error_prints_on_one_line(monkeypatch, capsys):
     assert cli.main(["inspect", "whatever.safetensors"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: ModelLoadError: x: cannot load; - unet: missing; - vae: missing; fix it"]
+
+
+# --------------------------------------------------------------------------- datasets
+def test_unpaired_captions_and_images_get_one_summarised_warning(tmp_path, caplog):
+    from PIL import Image
+
+    from lycoris_core.training import DatasetSpec, TrainingData
+
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (32, 32), (10, 20, 30)).save(tmp_path / f"{name}.png")
+    (tmp_path / "a.txt").write_text("a caption")
+    (tmp_path / "renamed.txt").write_text("its image was renamed")
+    (tmp_path / "gone.txt").write_text("its image was deleted")
+    with caplog.at_level("WARNING"):
+        TrainingData(DatasetSpec(folder=str(tmp_path), resolution=32, bucket_step=8))
+    warnings = [r.getMessage() for r in caplog.records if "without" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "2 caption file(s) without an image" in warnings[0]
+    assert "2 image(s) without a caption file" in warnings[0]

@@ -86,6 +86,33 @@ def _folder_images(folder: Path) -> list[Path]:
     )
 
 
+def _warn_unpaired(folders: list[Path], default: str) -> None:
+    """One summarised warning for caption files without an image (a renamed or deleted image)
+    and images without a caption file (they train with `default`)."""
+    orphans: list[Path] = []
+    uncaptioned: list[Path] = []
+    for folder in folders:
+        images = _folder_images(folder)
+        stems = {p.stem for p in images}
+        captions = sorted(
+            p
+            for p in folder.iterdir()
+            if p.suffix.lower() == CAPTION_EXTENSION and not p.name.startswith(".")
+        )
+        orphans += [p for p in captions if p.stem not in stems]
+        uncaptioned += [p for p in images if not p.with_suffix(CAPTION_EXTENSION).is_file()]
+    parts = []
+    if orphans:
+        parts.append(f"{len(orphans)} caption file(s) without an image (first: {orphans[0]})")
+    if uncaptioned:
+        parts.append(
+            f"{len(uncaptioned)} image(s) without a caption file, trained with default_caption "
+            f"{default!r} (first: {uncaptioned[0]})"
+        )
+    if parts:
+        logger.warning("dataset: %s", "; ".join(parts))
+
+
 def _scan_folder(spec: DatasetSpec, problems: _Problems) -> list[_Candidate]:
     root = Path(spec.folder or "")
     if not root.exists():
@@ -124,6 +151,7 @@ def _scan_folder(spec: DatasetSpec, problems: _Problems) -> list[_Candidate]:
                 problems.report(str(exc))
                 continue
             found.append(_Candidate(str(path), caption, repeats, path=path))
+    _warn_unpaired([folder for folder, _ in sources], spec.default_caption)
     if not found and not problems.messages:
         raise DatasetError(
             f"{root}: no images found; accepted extensions are "
