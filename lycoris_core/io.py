@@ -19,7 +19,7 @@ import torch
 
 from .errors import AdapterFormatError
 from .paths import check_output_file, check_output_folder, os_failure
-from .tempfiles import SUFFIX, clean_stale, permissions, temp_prefix
+from .tempfiles import SUFFIX, clean_stale_once, permissions, temp_prefix
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
@@ -67,14 +67,15 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], Any]) -> P
     """Call ``write(tmp_path)`` on a temp file beside `path`, fsync it, rename it into place.
 
     A crash or an exception leaves any previous file at `path` untouched; stale temp files
-    of earlier killed writes of `path` are removed first (:mod:`.tempfiles`). The file gets
-    the permissions of the umask (not the temp file's 0600). An ``OSError`` (no such folder,
-    not writable, disk full, `path` is a folder) becomes a :class:`PathError` naming `path`.
+    of killed writes in that folder are removed first (:func:`.tempfiles.clean_stale_once`).
+    The file gets the permissions of the umask (not the temp file's 0600). An ``OSError``
+    (no such folder, not writable, disk full, `path` is a folder) becomes a
+    :class:`PathError` naming `path`.
     """
     target = check_output_file(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale(target.parent, target.name)
+        clean_stale_once(target.parent)
         fd, tmp = tempfile.mkstemp(
             prefix=temp_prefix(target.name), suffix=SUFFIX, dir=target.parent
         )
@@ -133,13 +134,13 @@ def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
 
     `path` must not exist or be an empty folder (checked before anything is written). On an
     exception the temporary folder is removed and `path` is untouched; stale temporary
-    folders of earlier killed writes of `path` are removed first. The folder gets the
+    entries of killed writes in its parent are removed first. The folder gets the
     permissions of the umask; an ``OSError`` becomes a :class:`PathError` naming `path`.
     """
     target = check_output_folder(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale(target.parent, target.name)
+        clean_stale_once(target.parent)
         staging = Path(
             tempfile.mkdtemp(prefix=temp_prefix(target.name), suffix=SUFFIX, dir=target.parent)
         )

@@ -115,8 +115,8 @@ def check_output_folder(path: str | os.PathLike[str], what: str = "output folder
         raise PathError(f"{what}: the path is empty; give a folder path")
     if p.exists() and (not p.is_dir() or any(p.iterdir())):
         raise PathError(
-            f"{what} {p}: already exists and is not an empty folder; choose a new path, or "
-            "delete it first"
+            f"{what} {p}: already exists and is not empty; choose an empty folder (or a new "
+            "path), or delete it first"
         )
     _check_parent(p, what)
     return p

@@ -14,9 +14,10 @@ The rule for "stale" (safe to delete), applied only to names of these shapes:
   pid, or a staging folder without its owner file: stale once nothing in it changed for
   :data:`FOREIGN_AGE` seconds (a live writer keeps changing it well within that).
 
-The running process's own entries are never stale. :func:`clean_stale` is called before each
-atomic write (for that file's siblings), and when a training run starts or resumes (its
-output folder and its checkpoints folder).
+The running process's own entries are never stale. Cleaning happens on the first atomic
+write into a folder in each process (:func:`clean_stale_once`: later writes there skip it, so a
+feature cache writing thousands of files lists its folder once), and whenever a training run
+starts or resumes (its output's temp files and its checkpoints folder, every time).
 """
 
 from __future__ import annotations
@@ -143,6 +144,18 @@ def clean_stale(folder: str | os.PathLike[str], final_name: str | None = None) -
     if removed:
         logger.info("removed %d stale temporary entries in %s", len(removed), root)
     return removed
+
+
+_CLEANED: set[str] = set()
+
+
+def clean_stale_once(folder: str | os.PathLike[str]) -> list[Path]:
+    """:func:`clean_stale` for `folder`, the first time this process writes into it."""
+    key = os.path.abspath(folder)
+    if key in _CLEANED:
+        return []
+    _CLEANED.add(key)
+    return clean_stale(folder)
 
 
 def mark_owner(folder: Path) -> None:

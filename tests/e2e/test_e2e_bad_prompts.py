@@ -201,7 +201,7 @@ def test_bad_prompt_is_refused_or_fails_cleanly(comfy, demo_adapter, tmp_path, c
     assert comfy.alive()
 
 
-def test_the_case_list_covers_what_the_issue_asks(comfy):
+def test_the_case_list_covers_what_the_issue_asks():
     linked = [c for c in CASES if c.startswith("linked")]
     assert len(CASES) >= 20 and len(linked) >= 5
     assert any(".." in c for c in CASES) and any("absolute" in c for c in CASES)
