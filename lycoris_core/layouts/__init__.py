@@ -28,6 +28,7 @@ __all__ = [
     "apply_transform",
     "bfl_flux_map",
     "denoiser_name_map",
+    "foreign_naming",
     "ldm_unet_map",
     "sai_sd3_map",
 ]
@@ -45,3 +46,12 @@ def denoiser_name_map(family: str, config: Mapping[str, Any]) -> dict[str, tuple
     if fam is None or fam.name_map is None:
         return {}
     return fam.name_map(config)
+
+
+def foreign_naming(family: str) -> str:
+    """The name of `family`'s own (non-diffusers) naming: "ldm", "BFL", "SAI"."""
+    from ..families import FAMILIES
+
+    fam = FAMILIES.get(family)
+    builder = None if fam is None else fam.name_map
+    return {ldm_unet_map: "ldm", bfl_flux_map: "BFL", sai_sd3_map: "SAI"}.get(builder, "foreign")
