@@ -151,7 +151,7 @@ class Adapter:
     def bind_targets(
         self,
         module: nn.Module,
-        strict: bool = True,
+        strict: bool | None = True,
         *,
         component: str = "denoiser",
         family: str | None = None,
@@ -160,7 +160,8 @@ class Adapter:
         """Bind the file's layers of `component` to `module` (see :func:`binding.bind_component`):
         per layer its targets (several for a fused layer), the layout detected, what matched
         nothing. Unmatched layers raise :class:`AdapterFormatError` (counts, layout, fix), or
-        with ``strict=False`` are skipped with one summarised warning."""
+        with ``strict=False`` are skipped with one summarised warning; ``strict=None`` only
+        reports (``Binding.problem``)."""
         from .binding import bind_component
 
         return bind_component(

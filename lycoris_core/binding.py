@@ -50,6 +50,7 @@ class Binding:
     layouts: dict[str, int] = field(default_factory=dict)  # detected layout -> layers
     unmatched: list[str] = field(default_factory=list)
     elsewhere: dict[str, list[str]] = field(default_factory=dict)  # component -> layer names
+    problem: str | None = None  # what is wrong with the unmatched layers (report mode)
 
     @property
     def layout(self) -> str | None:
@@ -78,7 +79,7 @@ def bind_component(
     *,
     component: str = DENOISER,
     family: str | None = None,
-    strict: bool = True,
+    strict: bool | None = True,
     elsewhere: Collection[str] = (),
     index: NameIndex | None = None,
 ) -> Binding:
@@ -88,6 +89,7 @@ def bind_component(
     another component listed in `elsewhere` are set aside; every other layer matching
     nothing is unmatched: :class:`AdapterFormatError` (counts, the layout detected, the fix),
     or with ``strict=False`` one summarised warning (an error still when nothing matches).
+    ``strict=None`` only reports: the message goes to ``Binding.problem``.
     """
     family = family if family is not None else family_of(module)
     index = index if index is not None else component_index(module, component, family)
@@ -139,7 +141,7 @@ def _lookup(
 
 
 def _report_unmatched(
-    adapter: Adapter, module: nn.Module, out: Binding, strict: bool, text_layers: int
+    adapter: Adapter, module: nn.Module, out: Binding, strict: bool | None, text_layers: int
 ) -> None:
     relevant = len(out.unmatched) + len(out.targets)
     first = ", ".join(out.unmatched[:5])
@@ -161,10 +163,15 @@ def _report_unmatched(
             "text encoders, not to its denoiser"
         )
     if not out.targets:
-        raise AdapterFormatError(msg + "; it matches 0 modules, so applying it would do nothing.")
-    if strict:
-        raise AdapterFormatError(msg + "; pass strict=False to apply the layers that do match.")
-    logger.warning("%s; skipping them.", msg)
+        msg += "; it matches 0 modules, so applying it would do nothing."
+    elif strict is not False:
+        msg += "; pass strict=False to apply the layers that do match."
+    if strict is None:
+        out.problem = msg
+    elif strict or not out.targets:
+        raise AdapterFormatError(msg)
+    else:
+        logger.warning("%s; skipping them.", msg)
 
 
 # --------------------------------------------------------------------------- shape checks

@@ -45,14 +45,34 @@ def describe(adapter: Adapter, module: nn.Module | None = None) -> dict[str, Any
         "per_layer": {name: describe_layer(layer) for name, layer in adapter.layers.items()},
     }
     if module is not None:
-        try:
-            bound = adapter.bind(module, strict=False)
-        except AdapterFormatError as exc:
-            bound, out["bind_error"] = {}, str(exc)
-        matched = {layer.name: path for path, layer in bound.items()}
-        out["matched"] = matched
-        out["unmatched"] = sorted(set(adapter.layers) - set(matched))
+        _describe_binding(out, adapter, module)
     return out
+
+
+def _describe_binding(out: dict[str, Any], adapter: Adapter, module: nn.Module) -> None:
+    """Per component: the layout detected, matched and unmatched layers, what is wrong."""
+    try:
+        binding = adapter.bind_targets(module, strict=None)
+    except AdapterFormatError as exc:  # e.g. a layer that does not fit its module
+        out["bind_error"] = str(exc)
+        out["matched"], out["unmatched"] = {}, sorted(adapter.layers)
+        out["components"] = {"denoiser": {"error": str(exc)}}
+        return
+    matched = {name: " + ".join(str(t) for t in ts) for name, ts in binding.targets.items()}
+    out["matched"] = matched
+    out["unmatched"] = sorted(binding.unmatched)
+    entry: dict[str, Any] = {
+        "model": binding.model,
+        "layout": binding.layout,
+        "layouts": binding.layouts,
+        "matched": len(binding.targets),
+        "unmatched": sorted(binding.unmatched),
+    }
+    if binding.problem:
+        entry["error" if not binding.targets else "warning"] = binding.problem
+        if not binding.targets:
+            out["bind_error"] = binding.problem
+    out["components"] = {binding.component: entry}
 
 
 def format_report(info: dict[str, Any]) -> str:
@@ -69,13 +89,17 @@ def format_report(info: dict[str, Any]) -> str:
         lines.append(f"  {k}: {v}")
     if len(meta) > _SHOWN_METADATA:
         lines.append(f"  ... {len(meta) - _SHOWN_METADATA} more metadata keys")
-    if "matched" in info:
-        lines.append(
-            f"against the model: {len(info['matched'])} matched, {len(info['unmatched'])} unmatched"
-        )
-        if info.get("bind_error"):
-            lines.append(f"  error: {info['bind_error']}")
-        for name in info["unmatched"][:10]:
+    for component, entry in info.get("components", {}).items():
+        if "layout" in entry:
+            layout = entry["layout"] or "no layout recognised"
+            lines.append(
+                f"{component}: {layout} ({entry['model']}): {entry['matched']} matched, "
+                f"{len(entry['unmatched'])} unmatched"
+            )
+        for key in ("error", "warning"):
+            if entry.get(key):
+                lines.append(f"  {key}: {entry[key]}")
+        for name in entry.get("unmatched", [])[:10]:
             lines.append(f"  unmatched: {name}")
     lines.append("per layer:")
     for name, layer in info["per_layer"].items():
