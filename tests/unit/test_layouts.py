@@ -128,8 +128,10 @@ SPECS: dict[str, list[Spec]] = {
             False,
         ),
         (
-            tuple(f"single_transformer_blocks.0.attn.to_{c}" for c in "qkv")
-            + ("single_transformer_blocks.0.proj_mlp",),
+            (
+                *(f"single_transformer_blocks.0.attn.to_{c}" for c in "qkv"),
+                "single_transformer_blocks.0.proj_mlp",
+            ),
             "single_blocks.0.linear1",
             False,
         ),
