@@ -52,7 +52,7 @@ def describe(adapter: Adapter, module: nn.Module | None = None) -> dict[str, Any
 def _describe_binding(out: dict[str, Any], adapter: Adapter, module: nn.Module) -> None:
     """Per component: the layout detected, matched and unmatched layers, what is wrong."""
     try:
-        binding = adapter.bind_targets(module, strict=None)
+        binding = adapter.bind(module, strict=None)
     except AdapterFormatError as exc:  # e.g. a layer that does not fit its module
         out["bind_error"] = str(exc)
         out["matched"], out["unmatched"] = {}, sorted(adapter.layers)
