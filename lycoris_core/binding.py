@@ -137,6 +137,8 @@ def bind_component(
             if text is None or text[0] != component:
                 continue  # the denoiser's, or another encoder's: not ours
             hit = _lookup(adapter, index, text[1], ("",), name)
+            if hit is not None:
+                hit.prefix = name[: len(name) - len(text[1])]
         else:
             hit = _lookup(adapter, index, name, adapter.prefixes, name)
         if hit is None:

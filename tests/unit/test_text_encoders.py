@@ -251,3 +251,21 @@ def test_unknown_text_encoder_layer_is_reported(pipes, tmp_path):
     with pytest.raises(AdapterFormatError, match=r"1 of 3 layers match no module .*strict=False"):
         with patched_pipeline(pipe, [(load_adapter(path), 1.0)]):
             pass
+
+
+def test_inspect_a_pipeline_reports_each_component(pipes, tmp_path):
+    from lycoris_core.report import describe, format_report
+
+    pipe = pipes["sdxl"]
+    path = tmp_path / "a.safetensors"
+    write(pipe, "sdxl", path)
+    info = describe(load_adapter(path), pipe)
+    comps = info["components"]
+    assert set(comps) == {"denoiser", "text_encoder", "text_encoder_2"}
+    assert comps["denoiser"]["layout"] == "ldm names, '.'->'_', prefix 'lora_unet_'"
+    assert comps["denoiser"]["model"] == "an SDXL UNet"
+    assert (comps["text_encoder"]["matched"], comps["text_encoder_2"]["matched"]) == (1, 2)
+    assert comps["text_encoder_2"]["layout"] == "diffusers names, '.'->'_', prefix 'lora_te2_'"
+    assert info["unmatched"] == [] and len(info["matched"]) == 4
+    text = format_report(info)
+    assert "text_encoder_2: diffusers names" in text and "2 matched, 0 unmatched" in text
