@@ -188,7 +188,12 @@ def _report_unmatched(
     elif out.layout is not None:
         msg += f". Layout detected: {out.layout} ({len(out.targets)} layers matched)"
     else:
-        msg += ". The file was probably made for another model or architecture"
+        msg += (
+            ". Their names follow no layout this model answers to (its diffusers paths, "
+            "dotted or with a lycoris_/lora_unet_/lora_transformer_ prefix, or its own "
+            f"{'ldm/BFL/SAI' if out.component == DENOISER else 'module'} names): the file was "
+            "probably made for another model or architecture"
+        )
     if text_layers:
         msg += (
             f"; {text_layers} of them are text-encoder layers, which apply to a pipeline's "

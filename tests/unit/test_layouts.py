@@ -565,3 +565,43 @@ def test_keys_with_two_spellings_of_one_tensor_are_refused():
     }
     with pytest.raises(AdapterFormatError, match=r"'lora_down.weight' tensor twice"):
         adapter_from_state_dict(sd)
+
+
+def test_names_of_no_known_layout(models, tmp_path):
+    path = tmp_path / "odd.safetensors"
+    save_file(
+        {
+            "my_net_block_3.lora_down.weight": torch.ones(2, 4),
+            "my_net_block_3.lora_up.weight": torch.ones(4, 2),
+        },
+        str(path),
+    )
+    with pytest.raises(AdapterFormatError) as err:
+        with patched(models["sd3"], [(load_adapter(path), 1.0)], strict=False):
+            pass
+    msg = str(err.value)
+    assert "1 of 1 layers match no module" in msg and "follow no layout" in msg
+    assert "matches 0 modules" in msg
+
+
+def test_stacked_fused_and_plain_files_each_relative_to_the_base(models, tmp_path):
+    """A BFL DoRA file (weight-dependent, fused) and a diffusers-named LoRA on the same
+    modules: each contributes its change computed from the base weights."""
+    model = models["flux"]
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    ea = build_file(model, "flux", LAYOUTS["comfy_internal"], "dora", a, seed=1)
+    eb = build_file(model, "flux", LAYOUTS["peft_transformer"], "lora", b, seed=2)
+    shared = set(ea) & set(eb)
+    assert len(shared) >= 5
+    before = state(model)
+    g = torch.Generator().manual_seed(9)
+    for mode in ("merge", "dynamic"):
+        with patched(model, [(load_adapter(a), 0.7), (load_adapter(b), -1.0)], mode=mode):
+            for p in sorted(shared):
+                m = model.get_submodule(p)
+                x = _module_input(m, g)
+                w0 = before[f"{p}.weight"]
+                dw = ea[p](0.7)[0] + eb[p](-1.0)[0]
+                want = _reference_forward(m, x, w0 + dw, before.get(f"{p}.bias"))
+                assert _err(m(x), want) < TOL, f"{mode} {p}"
+        assert same_state(model, before)
