@@ -168,6 +168,12 @@ class LoadedModel:
             self._patch = candidate
             return candidate
 
+    @property
+    def prompt_key(self) -> tuple[tuple[str, float], ...]:
+        """What the text encoders carry now (:attr:`PipelinePatch.text_key`); a cache of prompt
+        embeddings must include it in its keys. Empty for the base encoders."""
+        return () if self._patch is None else self._patch.text_key
+
     def restore_base(self) -> None:
         """Undo the active patch, if any: the denoiser's weights are the base ones again."""
         with self._lock:

@@ -110,6 +110,14 @@ class PipelinePatch:
         return self._key
 
     @property
+    def text_key(self) -> tuple[tuple[str, float], ...]:
+        """What changes prompt encoding: the contents and text strengths of the adapters that
+        patch a text encoder (empty when none does). Caches of prompt embeddings key on it."""
+        if len(self.patches) == 1:
+            return ()
+        return tuple((a.content_key, t) for a, _, t in self._entries if a.has_text_layers() and t)
+
+    @property
     def plan(self) -> dict[str, list]:
         """The denoiser's plan (module path -> layers), as :attr:`Patch.plan`."""
         return self.patches["denoiser"].plan

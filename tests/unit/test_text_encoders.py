@@ -215,10 +215,12 @@ def test_use_adapters_applies_a_civitai_style_sd15_file_strictly(pipes, tmp_path
     assert not same_state(pipe.text_encoder, before)
     again = model.use_adapters([(load_adapter(path), 0.8, 0.8)])
     assert again is patch  # same contents and strengths: still applied
+    assert model.prompt_key == ((adapter.content_key, 0.8),)
     other = model.use_adapters([(adapter, 0.8, 0.3)])
     assert other is not patch and other.key != patch.key
+    assert model.prompt_key == ((adapter.content_key, 0.3),)
     model.restore_base()
-    assert same_state(pipe.text_encoder, before)
+    assert same_state(pipe.text_encoder, before) and model.prompt_key == ()
     k1 = pipeline_patch_key([(adapter, 1.0)])
     assert (
         k1 == pipeline_patch_key([(adapter, 1.0, 1.0)]) != pipeline_patch_key([(adapter, 1.0, 0.5)])
