@@ -1,14 +1,17 @@
 """Adapter files: read every algorithm lycoris 4.x saves, and bind layers to a model.
 
-A file holds, per wrapped layer, tensors under ``<layer>.<suffix>`` where ``<layer>`` is a
-prefix (``lycoris`` by default, or kohya's ``lora_unet``) plus the diffusers module path with
-``.`` replaced by ``_``. The algorithm of each layer is recognised from its suffixes (and, for
-DyLoRA, T-LoRA and GLoRA details, from the ``lycoris_config`` metadata the seed's trainer
-writes). Files that lycoris' own ``create_lycoris_from_weights`` cannot reload (IA3,
-unbalanced LoKr, tucker conv LoKr) load here, because nothing is rebuilt through lycoris'
-module constructors. What each algorithm saves, how it is recognised and its exact math live
-in :mod:`lycoris_core.algorithms` (one object per algorithm, in a registry); this module
-only loops over that registry.
+A file holds, per layer, tensors under ``<layer name><suffix>``; the suffix is found from the
+right (the longest known one: every algorithm's, DoRA's, ``diff_b`` and the LoRA spellings of
+PEFT/diffusers/ai-toolkit, normalised to lycoris' names by :mod:`lycoris_core.layouts.keys`),
+so layer names may contain dots. A layer name is a prefix plus a module name in any layout
+(``lycoris_``/kohya with ``.`` -> ``_``, dotted diffusers/PEFT, ldm/BFL/SAI names); binding it
+to a model is :mod:`lycoris_core.binding`'s job. The algorithm of each layer is recognised from
+its suffixes (and, for DyLoRA, T-LoRA and GLoRA details, from the ``lycoris_config`` metadata
+the seed's trainer writes). Files that lycoris' own ``create_lycoris_from_weights`` cannot
+reload (IA3, unbalanced LoKr, tucker conv LoKr) load here, because nothing is rebuilt through
+lycoris' module constructors. What each algorithm saves, how it is recognised and its exact
+math live in :mod:`lycoris_core.algorithms` (one object per algorithm, in a registry); this
+module only loops over that registry.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -28,11 +32,16 @@ from .algorithms import REGISTRY, Algorithm, check_layer, detect, layer_label
 from .config import LycorisConfig
 from .errors import AdapterFormatError, ConfigError
 from .io import read_safetensors
+from .layouts.keys import BIAS_DIFF, normalise_layer, split_key, suffix_table
+from .layouts.names import FLAT_PREFIXES
+
+if TYPE_CHECKING:
+    from .binding import Binding
 
 logger = logging.getLogger(__name__)
 
-# prefixes recognised in front of the module path (the metadata's lora_prefix is tried first)
-KNOWN_PREFIXES = ("lycoris", "lora_unet", "lora_transformer", "lora")
+# prefixes recognised in front of a '.'->'_' module path (the metadata's lora_prefix first)
+KNOWN_PREFIXES = FLAT_PREFIXES
 
 
 @dataclass
@@ -139,78 +148,34 @@ class Adapter:
         )
 
     # ------------------------------------------------------------------ binding
-    def bind(self, module: nn.Module, strict: bool = True) -> dict[str, LayerAdapter]:
-        """Map the file's layers to module paths of `module`.
+    def bind(
+        self,
+        module: nn.Module,
+        strict: bool | None = True,
+        *,
+        component: str = "denoiser",
+        family: str | None = None,
+        elsewhere: Collection[str] = (),
+    ) -> Binding:
+        """Bind the file's layers of `component` to `module` (:func:`binding.bind_component`).
 
-        Keys that match no module raise :class:`AdapterFormatError` (count and first keys),
-        or with ``strict=False`` are skipped with one summarised warning.
+        The result maps module path -> the layer adapting it (a fused layer under each of its
+        modules); ``.targets`` gives per file layer its targets with row slices, ``.layout``
+        the layout detected. Unmatched layers raise :class:`AdapterFormatError` (counts,
+        layout, fix), or with ``strict=False`` are skipped with one summarised warning;
+        ``strict=None`` only reports (``Binding.problem``).
         """
-        index: dict[str, str] = {}
-        clashes: set[str] = set()
-        for path, _ in module.named_modules():
-            if not path:
-                continue
-            flat = path.replace(".", "_")
-            if flat in index and index[flat] != path:
-                clashes.add(flat)
-            index[flat] = path
-        bound: dict[str, LayerAdapter] = {}
-        unmatched: list[str] = []
-        for name, layer in self.layers.items():
-            path = None
-            for prefix in self.prefixes:
-                if name.startswith(prefix + "_"):
-                    flat = name[len(prefix) + 1 :]
-                    if flat in clashes:
-                        raise AdapterFormatError(
-                            f"{self.name}: layer '{name}' maps to more than one module of "
-                            f"{type(module).__name__} (the '.'->'_' naming is ambiguous here)"
-                        )
-                    path = index.get(flat)
-                    if path is not None:
-                        break
-            if path is None:
-                unmatched.append(name)
-                continue
-            _check_fits(self.name, layer, module.get_submodule(path), path)
-            bound[path] = layer
-        if unmatched:
-            msg = (
-                f"{self.name}: {len(unmatched)} of {len(self.layers)} layers match no module of "
-                f"this {type(module).__name__} (first: {', '.join(unmatched[:5])}). The file "
-                "was probably made for another model or architecture"
-            )
-            if strict or not bound:
-                if not bound:
-                    raise AdapterFormatError(
-                        msg + "; it matches 0 modules, so applying it would do nothing."
-                    )
-                raise AdapterFormatError(
-                    msg + "; pass strict=False to apply the layers that do match."
-                )
-            logger.warning("%s; skipping them.", msg)
-        return bound
+        from .binding import bind_component
 
+        return bind_component(
+            self, module, component=component, family=family, strict=strict, elsewhere=elsewhere
+        )
 
-def _check_fits(name: str, layer: LayerAdapter, target: nn.Module, path: str) -> None:
-    weight = getattr(target, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        raise AdapterFormatError(
-            f"{name}: layer '{layer.name}' targets '{path}' ({type(target).__name__}), which "
-            "has no weight to adapt"
-        )
-    algorithm = layer.algorithm
-    if not isinstance(target, algorithm.targets):
-        raise AdapterFormatError(
-            f"{name}: layer '{layer.name}' ({layer.algo}) cannot adapt '{path}' "
-            f"({type(target).__name__})"
-        )
-    got = algorithm.mismatch(layer, weight)
-    if got is not None:
-        raise AdapterFormatError(
-            f"{name}: layer '{layer.name}' ({layer.algo}, {got}) does not fit '{path}' (weight "
-            f"shape {tuple(weight.shape)}); the file was made for another model or size"
-        )
+    def has_text_layers(self, family: str | None = None) -> bool:
+        """Whether some layer names a text encoder (``lora_te*_``, ``text_encoder*.``, ...)."""
+        from .layouts.names import text_component
+
+        return any(text_component(name, family) is not None for name in self.layers)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -236,22 +201,31 @@ def adapter_from_state_dict(
     metadata = dict(metadata or {})
     config = _metadata_config(metadata, source)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
+    table = suffix_table()
     for key, tensor in state_dict.items():
-        if "." not in key:
+        parts = split_key(key, table)
+        if parts is None:
             raise AdapterFormatError(
                 f"{source}: key '{key}' is not '<layer>.<tensor>'; not a LyCORIS/LoRA file"
             )
-        layer, suffix = key.split(".", 1)
-        grouped.setdefault(layer, {})[suffix] = tensor
+        layer, suffix, _ = parts
+        tensors = grouped.setdefault(layer, {})
+        if suffix in tensors:
+            raise AdapterFormatError(
+                f"{source}: layer '{layer}' has its '{suffix}' tensor twice (the second as "
+                f"'{key}'); the file mixes two spellings of the same tensor"
+            )
+        tensors[suffix] = tensor
     if not grouped:
         raise AdapterFormatError(f"{source}: the file holds no tensors")
     layers: dict[str, LayerAdapter] = {}
     for name, tensors in grouped.items():
+        tensors = normalise_layer(tensors)
         try:
             algorithm = detect(name, tensors, config)
         except AdapterFormatError as exc:
             raise AdapterFormatError(f"{source}: {exc}") from None
-        unknown = sorted(set(tensors) - set(algorithm.all_suffixes))
+        unknown = sorted(set(tensors) - set(algorithm.all_suffixes) - {BIAS_DIFF})
         missing = [s for s in algorithm.required if s not in tensors]
         if unknown or missing:
             what = f"unknown tensors {unknown}" if unknown else f"missing tensors {missing}"

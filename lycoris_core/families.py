@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import ModelLoadError
+from .layouts import bfl_flux_map, ldm_unet_map, sai_sd3_map
 
 if TYPE_CHECKING:
     import torch
@@ -36,6 +37,7 @@ class DenoiserCall:
 
 
 TextEncoder = Callable[[Any, list[str], Any, "int | None"], dict[str, "torch.Tensor"]]
+NameMap = Callable[[Any], dict[str, tuple[Any, ...]]]
 Predictor = Callable[
     [DenoiserCall, "torch.Tensor", "torch.Tensor", "torch.Tensor", dict[str, "torch.Tensor"]],
     tuple["torch.Tensor", "torch.Tensor"],
@@ -63,6 +65,8 @@ class Family:
     encode_text: TextEncoder | None = None
     # (call, noisy, target, timesteps or sigmas, cond) -> (prediction, target in its layout)
     predict: Predictor | None = None
+    # denoiser config -> {foreign (ldm/BFL/SAI) module name: targets}; see lycoris_core.layouts
+    name_map: NameMap | None = None
 
     def size_multiple(self, vae_scale_factor: int) -> int:
         """Width/height must be a multiple of this (pixels)."""
@@ -178,6 +182,7 @@ FAMILIES: dict[str, Family] = {
         negative_prompt=True,
         encode_text=_clip_text,
         predict=_unet_predict,
+        name_map=ldm_unet_map,
     ),
     "sdxl": Family(
         name="sdxl",
@@ -193,6 +198,7 @@ FAMILIES: dict[str, Family] = {
         negative_prompt=True,
         encode_text=_sdxl_text,
         predict=_sdxl_predict,
+        name_map=ldm_unet_map,
     ),
     "sd3": Family(
         name="sd3",
@@ -209,6 +215,7 @@ FAMILIES: dict[str, Family] = {
         flow_matching=True,
         encode_text=_sd3_text,
         predict=_sd3_predict,
+        name_map=sai_sd3_map,
     ),
     "flux": Family(
         name="flux",
@@ -225,6 +232,7 @@ FAMILIES: dict[str, Family] = {
         flow_matching=True,
         encode_text=_flux_text,
         predict=_flux_predict,
+        name_map=bfl_flux_map,
     ),
 }
 

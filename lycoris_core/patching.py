@@ -10,7 +10,7 @@ is what chaining lycoris modules does. Strength 0 skips an adapter entirely.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal
 
@@ -19,7 +19,18 @@ from torch import nn
 
 from .adapters import Adapter, LayerAdapter
 from .algorithms import accumulate, dynamic_contribution
+from .binding import Binding
 from .errors import LycorisError
+from .fused import (
+    Factory,
+    bias_factory,
+    delta_factory,
+    extra_bias,
+    fused_deltas,
+    row_sliceable,
+    sliced,
+)
+from .layouts import Target
 from .limits import check_strength
 
 logger = logging.getLogger(__name__)
@@ -56,7 +67,8 @@ class Patch:
 
     ``apply()`` changes the module, ``restore()`` undoes it exactly. ``key`` identifies the
     set (:func:`patch_key`: contents, strengths, mode) so callers can keep a patch applied
-    between calls.
+    between calls. `component` names the pipeline part `module` is (the denoiser by
+    default); layers of the components in `elsewhere` are left to their own patches.
     """
 
     def __init__(
@@ -65,17 +77,32 @@ class Patch:
         adapters: Sequence[tuple[Adapter, float]],
         mode: str = "merge",
         strict: bool = True,
+        *,
+        component: str = "denoiser",
+        family: str | None = None,
+        elsewhere: Collection[str] = (),
     ) -> None:
         _check_mode(mode)
         self.module = module
         self.mode = mode
+        self.component = component
+        # module path -> the (layer, strength) pairs touching it; `_entries` keeps the targets
         self.plan: dict[str, list[tuple[LayerAdapter, float]]] = {}
+        self._entries: list[tuple[LayerAdapter, float, tuple[Target, ...]]] = []
+        self.bindings: list[Binding] = []
         self._adapters = [(adapter, _check_strength(adapter, s)) for adapter, s in adapters]
         for adapter, s in self._adapters:
             if s == 0.0:
                 continue
-            for path, layer in adapter.bind(module, strict=strict).items():
-                self.plan.setdefault(path, []).append((layer, s))
+            binding = adapter.bind(
+                module, strict=strict, component=component, family=family, elsewhere=elsewhere
+            )
+            self.bindings.append(binding)
+            for name, targets in binding.targets.items():
+                layer = binding.layers[name]
+                self._entries.append((layer, s, targets))
+                for t in targets:
+                    self.plan.setdefault(t.path, []).append((layer, s))
         self._key: PatchKey | None = None
         self._backup: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -89,6 +116,7 @@ class Patch:
 
     @property
     def num_layers(self) -> int:
+        """Modules this patch changes."""
         return len(self.plan)
 
     # ------------------------------------------------------------------ apply/restore
@@ -106,46 +134,91 @@ class Patch:
             self.restore()
             raise
 
+    def _base(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        out = {}
+        for path in self.plan:
+            mod = self.module.get_submodule(path)
+            bias = getattr(mod, "bias", None)
+            out[path] = (mod.weight.detach(), None if bias is None else bias.detach())
+        return out
+
     def _merge(self) -> None:
-        # The merged weight is a new tensor swapped in with `param.data = ...`; the original
-        # tensor is the backup, untouched, and swapped back on restore (exact and O(1)).
+        # Every delta is computed from the base weights first (a fused layer reads several
+        # modules), then the merged weights are new tensors swapped in with `param.data = ...`;
+        # the original tensors are the backup, untouched, swapped back on restore (exact, O(1)).
         # Merged tensors must be normal tensors even when called under inference_mode.
         with torch.inference_mode(False):
-            for path, entries in self.plan.items():
+            base = self._base()
+            acc: dict[str, torch.Tensor | None] = {}
+            dbs: dict[str, torch.Tensor] = {}
+
+            def add_bias(path: str, db: torch.Tensor | None) -> None:
+                if db is not None and base[path][1] is not None:
+                    dbs[path] = db if path not in dbs else dbs[path] + db
+
+            for layer, s, targets in self._entries:
+                if len(targets) == 1 and targets[0].plain:
+                    path = targets[0].path
+                    w0, b0 = base[path]
+                    a = acc.get(path)
+                    if a is None and w0.dtype != torch.float32:
+                        a = w0.float()
+                    acc[path], db = accumulate(a, layer, w0, b0, s)
+                    add_bias(path, db)
+                    add_bias(path, extra_bias(layer, s, w0))
+                    continue
+                for path, (dw, db) in fused_deltas(layer, targets, base, s).items():
+                    a = acc.get(path)
+                    acc[path] = base[path][0].float() + dw if a is None else a.add_(dw)
+                    add_bias(path, db)
+            for path, merged in acc.items():
                 mod = self.module.get_submodule(path)
-                weight, bias = mod.weight, getattr(mod, "bias", None)
-                w0 = weight.detach()
-                b0 = None if bias is None else bias.detach()
-                acc = None if w0.dtype == torch.float32 else w0.float()
-                db_total: torch.Tensor | None = None
-                for layer, s in entries:
-                    acc, db = accumulate(acc, layer, w0, b0, s)
-                    if db is not None:
-                        db_total = db if db_total is None else db_total + db
-                assert acc is not None  # plan entries are never empty
-                self._backup[path] = (weight.data, None if db_total is None else bias.data)
-                weight.data = acc.to(w0.dtype)
-                if db_total is not None:
-                    bias.data = (b0.float() + db_total).to(b0.dtype)
+                w0, b0 = base[path]
+                db = dbs.get(path)
+                self._backup[path] = (mod.weight.data, None if db is None else mod.bias.data)
+                mod.weight.data = merged.to(w0.dtype)
+                if db is not None:
+                    mod.bias.data = (b0.float() + db).to(b0.dtype)
+
+    def _factories(self) -> dict[str, list[Factory]]:
+        """Per module path, what builds each contribution of its dynamic forward."""
+        out: dict[str, list[Factory]] = {}
+        base = self._base()
+        for layer, s, targets in self._entries:
+            if len(targets) == 1 and targets[0].plain:
+                parts = {targets[0].path: layer}
+            elif row_sliceable(layer):
+                parts = sliced(layer, targets, base)
+            else:
+                for path, (dw, db) in fused_deltas(layer, targets, base, s).items():
+                    out.setdefault(path, []).append(delta_factory(dw, db))
+                continue
+            for path, part in parts.items():
+                fs = out.setdefault(path, [])
+                fs.append(lambda m, part=part, s=s: dynamic_contribution(part, m, s))
+                db = extra_bias(part, s, base[path][0])
+                if db is not None and base[path][1] is not None:
+                    fs.append(bias_factory(db))
+        return out
 
     def _hook(self) -> None:
-        for path, entries in self.plan.items():
+        for path, factories in self._factories().items():
             mod = self.module.get_submodule(path)
             # prepared per device: offloading hooks may run the layer on another device
-            prepared = {mod.weight.device: [dynamic_contribution(a, mod, s) for a, s in entries]}
+            prepared = {mod.weight.device: [make(mod) for make in factories]}
 
             def hook(
                 m: nn.Module,
                 args: tuple[torch.Tensor, ...],
                 out: torch.Tensor,
-                entries: list = entries,
+                factories: list = factories,
                 prepared: dict = prepared,
             ) -> torch.Tensor:
                 x = args[0]
                 contributions = prepared.get(x.device)
                 if contributions is None:
                     with torch.no_grad():
-                        contributions = [dynamic_contribution(a, m, s) for a, s in entries]
+                        contributions = [make(m) for make in factories]
                     prepared[x.device] = contributions
                 change = contributions[0](x, out)
                 for contribution in contributions[1:]:

@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from .adapters import Adapter
 from .device import module_bytes, oom_advice
 from .errors import LycorisError
 from .limits import MAX_SAMPLING_STEPS
 from .models import LoadedModel
+from .pipeline_patch import Entry
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def check_size(model: LoadedModel, width: int, height: int) -> None:
 
 def sample(
     model: LoadedModel,
-    adapters: Sequence[tuple[Adapter, float]] = (),
+    adapters: Sequence[Entry] = (),
     mode: str = "merge",
     prompt: str = "",
     negative_prompt: str = "",
@@ -148,7 +148,7 @@ def sample(
             "model between steps); use offload 'model' or 'none'"
         )
 
-    adapter_bytes = sum(a.num_params() * 4 for a, _ in adapters)
+    adapter_bytes = sum(entry[0].num_params() * 4 for entry in adapters)
     with oom_advice(
         f"sampling {batch_size}x{width}x{height}",
         model_bytes=module_bytes(model.denoiser),
