@@ -63,7 +63,8 @@ class Header:
         return [k for k in self.tensors if k.startswith(prefix)]
 
     def storage_dtype(self, prefix: str = "") -> str:
-        """The dtype of most weight elements under `prefix` ("fp8_e4m3fn", "bf16", ...)."""
+        """The storage dtype under `prefix`: its fp8 type when any weight is stored in fp8 (fp8
+        files keep biases and norms in bf16), else the dtype of most elements."""
         counts: dict[str, int] = {}
         for key, info in self.tensors.items():
             if key.startswith(prefix) and info.dtype.startswith(("fp", "bf")):
@@ -71,6 +72,9 @@ class Header:
                 for s in info.shape:
                     n *= s
                 counts[info.dtype] = counts.get(info.dtype, 0) + n
+        fp8 = [d for d in counts if d.startswith("fp8")]
+        if fp8:
+            return max(fp8, key=counts.__getitem__)
         return max(counts, key=counts.__getitem__) if counts else "none"
 
 

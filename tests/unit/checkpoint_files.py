@@ -331,19 +331,20 @@ def flux_split(pipe: Any) -> dict[str, Tensors]:
 
 
 def to_storage(tensors: Tensors, storage: str, prefix: str = "") -> Tensors:
-    """Cast as the file would store it: fp32, fp16, bf16, fp8 (2-D weights under `prefix` as
-    e4m3fn, the rest bf16) or scaled_fp8 (ComfyUI's: weight / scale as e4m3fn with a float32
-    ``scale_weight`` each, a ``scale_input`` each, a ``scaled_fp8`` marker)."""
+    """Cast as the file would store it: fp32, fp16, bf16, fp8 (matrices and kernels under
+    `prefix` as e4m3fn, the rest bf16) or scaled_fp8 (ComfyUI's: weight / scale as e4m3fn
+    float32 ``scale_weight`` each, a ``scale_input`` each, a ``scaled_fp8`` marker)."""
     out: Tensors = {}
     for k, v in tensors.items():
         v = v.detach().contiguous()
-        two_d = k.startswith(prefix) and k.endswith(".weight") and v.ndim == 2 and "embed" not in k
+        two_d = k.startswith(prefix) and k.endswith(".weight") and v.ndim == 2
         if storage in ("fp32", "fp16", "bf16"):
             out[k] = v.to(
                 {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[storage]
             )
-        elif storage == "fp8":
-            out[k] = v.to(FP8) if two_d else v.to(torch.bfloat16)
+        elif storage == "fp8":  # every matrix and conv kernel fp8
+            big = k.startswith(prefix) and k.endswith(".weight") and v.ndim >= 2
+            out[k] = v.to(FP8) if big else v.to(torch.bfloat16)
         elif storage == "scaled_fp8":
             if two_d:
                 scale = (v.abs().max().float() / 448.0).clamp(min=1e-12)

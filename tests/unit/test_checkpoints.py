@@ -1,0 +1,330 @@
+"""Base models from single files and split sets, offline (lycoris_core/checkpoints).
+
+Files are written from the tiny pipelines by tests/unit/checkpoint_files.py (its own renaming
+to the original layouts), then loaded with sockets blocked and no diffusers folder.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import checkpoint_files as cf
+import huggingface_hub
+import pytest
+import torch
+
+from lycoris_core import tiny
+from lycoris_core.checkpoints import build_pipeline, inspect_files, read_header
+from lycoris_core.errors import ModelLoadError
+
+UNET_PREFIX = "model.diffusion_model."
+STORAGES = ("fp32", "fp16", "bf16", "fp8", "scaled_fp8")
+DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FP32_IMAGE_ATOL = 1e-5  # as in test_tiny: two fp32 runs on bitwise-equal weights
+FP8_REL = 2.0**-4  # e4m3: 3 mantissa bits, round to nearest
+BF16_REL = 2.0**-8
+VARIANT = {"sd15": "sd1", "sdxl": "sdxl-base", "sd3": "sd3-medium", "flux": "flux-dev"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline() -> Iterator[None]:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"network access attempted: {args!r}")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        mp.setattr(socket.socket, "connect", refuse)
+        mp.setattr(socket, "create_connection", refuse)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def source() -> dict[str, object]:
+    return {f: tiny.build_pipeline(f) for f in tiny.FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def tokenizers(source: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tokenizers")
+    return {f: cf.save_tokenizers(p, root / f) for f, p in source.items()}
+
+
+def _write_set(
+    family: str, pipe: object, storage: str, folder: Path
+) -> tuple[Path, list, Path | None]:
+    """(base, text encoder files, vae file): one checkpoint, or Flux's split set."""
+    if family == "flux":
+        files = {}
+        for name, tensors in cf.flux_split(pipe).items():
+            if name == "flux.safetensors":
+                tensors = cf.to_storage(tensors, storage)
+            files[name] = cf.write(folder / name, tensors)
+        encoders = [files["clip_l.safetensors"], files["t5xxl.safetensors"]]
+        return files["flux.safetensors"], encoders, files["ae.safetensors"]
+    tensors = cf.to_storage(cf.checkpoint_tensors(family, pipe), storage, UNET_PREFIX)
+    return cf.write(folder / f"{family}-{storage}.safetensors", tensors), [], None
+
+
+def _load(family, pipe, storage, folder, tokenizers, dtype=torch.float32, fp8="keep"):
+    base, encoders, vae = _write_set(family, pipe, storage, folder)
+    found = inspect_files(base, encoders, vae)
+    return found, build_pipeline(found, [tokenizers[family]], dtype=dtype, fp8=fp8)
+
+
+def _denoiser_name(family: str) -> str:
+    return "unet" if family in ("sd15", "sdxl") else "transformer"
+
+
+def _check_weights(family: str, src: object, got: object, storage: str) -> None:
+    den = _denoiser_name(family)
+    for name, comp in src.components.items():
+        if not isinstance(comp, torch.nn.Module):
+            continue
+        a = comp.state_dict()
+        b = getattr(got, name).state_dict()
+        assert set(a) <= set(b), (name, sorted(set(a) - set(b))[:3])
+        for key, ref in a.items():
+            w = b[key]
+            if storage in DTYPE:  # the same tensors, read back: bitwise
+                assert torch.equal(w, ref.to(DTYPE[storage])), (name, key)
+                continue
+            if name != den:  # fp8 is the denoiser's; the rest is bf16 (or fp32 cast to it)
+                assert torch.equal(w, ref.to(torch.bfloat16)), (name, key)
+                continue
+            rf = ref.float()
+            scale = rf.abs().max().item() / 448.0
+            tol = FP8_REL * rf.abs() + (scale * 2.0**-6 if storage == "scaled_fp8" else 2.0**-9)
+            assert ((w.float() - rf).abs() <= tol + 1e-12).all(), (name, key)
+            if storage == "fp8" and w.dtype == cf.FP8 and key.endswith("weight"):
+                assert torch.equal(w, ref.to(cf.FP8)), (name, key)  # stored as is, still fp8
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_weights_equal_the_source(family, storage, source, tokenizers, tmp_path) -> None:
+    dtype = DTYPE.get(storage, torch.bfloat16)
+    found, pipe = _load(family, source[family], storage, tmp_path, tokenizers, dtype=dtype)
+    assert (found.family, found.variant, found.profile.name) == (family, VARIANT[family], "tiny")
+    want = {"fp8": "fp8_e4m3fn", "scaled_fp8": "fp8_e4m3fn (scaled)"}.get(storage, storage)
+    assert found.storage == want
+    assert type(pipe) is type(source[family])
+    _check_weights(family, source[family], pipe, storage)
+
+
+def _sample(pipe: object, family: str) -> torch.Tensor:
+    size = tiny.DEFAULT_SIZE[family]
+    return pipe(
+        prompt="a cat",
+        num_inference_steps=2,
+        height=size,
+        width=size,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_sample_equals_the_source_pipeline(family, source, tokenizers, tmp_path) -> None:
+    _, pipe = _load(family, source[family], "fp32", tmp_path, tokenizers)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config == source[family].scheduler.config or all(
+        pipe.scheduler.config[k] == v
+        for k, v in source[family].scheduler.config.items()
+        if not k.startswith("_")
+    )
+    image = _sample(pipe, family)
+    assert image.std() > 0
+    torch.testing.assert_close(image, _sample(source[family], family), rtol=0, atol=FP32_IMAGE_ATOL)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_fp8_stays_fp8_and_samples(family, source, tokenizers, tmp_path) -> None:
+    """fp8 kept: Linear weights stored fp8, computing in bf16; the sample is close to the
+    source's (fp8 rounding of the denoiser only)."""
+    _, pipe = _load(family, source[family], "fp8", tmp_path, tokenizers, dtype=torch.bfloat16)
+    den = getattr(pipe, _denoiser_name(family))
+    dtypes = {m.weight.dtype for m in den.modules() if isinstance(m, torch.nn.Linear)}
+    assert cf.FP8 in dtypes
+    fp8_bytes = sum(p.numel() * p.element_size() for p in den.parameters())
+    src_den = getattr(source[family], _denoiser_name(family))
+    assert fp8_bytes < 0.75 * sum(p.numel() * 2 for p in src_den.parameters())
+    pipe.set_progress_bar_config(disable=True)
+    image = _sample(pipe, family).float()
+    ref = _sample(source[family], family).float()
+    assert torch.isfinite(image).all()
+    assert (image - ref).abs().mean() < 0.05
+
+
+def test_fp8_upcast_gives_plain_weights(source, tokenizers, tmp_path) -> None:
+    _, pipe = _load("flux", source["flux"], "fp8", tmp_path, tokenizers, fp8="upcast")
+    dtypes = {p.dtype for p in pipe.transformer.parameters()}
+    assert dtypes == {torch.float32}
+    ref = source["flux"].transformer.x_embedder.weight
+    assert torch.equal(pipe.transformer.x_embedder.weight, ref.to(cf.FP8).float())
+
+
+def test_headers_are_enough_to_detect(source, tmp_path) -> None:
+    base, _, _ = _write_set("sdxl", source["sdxl"], "fp16", tmp_path)
+    header = read_header(base)
+    assert header.storage_dtype(UNET_PREFIX) == "fp16"
+    found = inspect_files(base)
+    assert set(found.parts) == {"denoiser", "vae", "clip_l", "clip_g"}
+    assert found.parts["clip_g"].layout == "open_clip"
+    assert "sdxl (sdxl-base" in found.describe()
+
+
+def test_sd35_variants(tokenizers, tmp_path) -> None:
+    """qk-norm = SD3.5; a second attention in some blocks = 3.5 medium, else large."""
+    from diffusers import SD3Transformer2DModel
+
+    pipe = tiny.build_pipeline("sd3")
+    for dual, variant in (((), "sd3.5-large"), ((0,), "sd3.5-medium")):
+        torch.manual_seed(0)
+        pipe.transformer = SD3Transformer2DModel(
+            **{**pipe.transformer.config, "qk_norm": "rms_norm", "dual_attention_layers": dual}
+        )
+        sai = {UNET_PREFIX + k: v for k, v in _sai_with_extras(pipe.transformer).items()}
+        tensors = cf.checkpoint_tensors("sd3", _without_transformer(pipe)) | sai
+        f = cf.write(tmp_path / f"{variant}.safetensors", tensors)
+        found = inspect_files(f)
+        assert found.variant == variant
+        got = build_pipeline(found, [tokenizers["sd3"]])
+        for k, v in pipe.transformer.state_dict().items():
+            assert torch.equal(got.transformer.state_dict()[k], v), k
+
+
+def _without_transformer(pipe):
+    class View:
+        def __init__(self, p):
+            self.__dict__.update(
+                {
+                    n: getattr(p, n)
+                    for n in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+                }
+            )
+            self.transformer = tiny.build_pipeline("sd3").transformer
+
+    return View(pipe)
+
+
+def _sai_with_extras(model) -> dict:
+    """SAI names for qk-norm (``ln_q``/``ln_k``) and MMDiT-X second attention (``attn2``)."""
+    out = cf.sd3_to_sai(model)
+    sd = model.state_dict()
+    for i in range(model.config.num_layers):
+        s, x, c = (
+            f"transformer_blocks.{i}.",
+            f"joint_blocks.{i}.x_block.",
+            f"joint_blocks.{i}.context_block.",
+        )
+        for a, b in (("norm_q", "ln_q"), ("norm_k", "ln_k")):
+            out[f"{x}attn.{b}.weight"] = sd[f"{s}attn.{a}.weight"]
+            if f"{s}attn.norm_added_{a[-1]}.weight" in sd:
+                out[f"{c}attn.{b}.weight"] = sd[f"{s}attn.norm_added_{a[-1]}.weight"]
+        if f"{s}attn2.to_q.weight" in sd:
+            for leaf in ("weight", "bias"):
+                out[f"{x}attn2.qkv.{leaf}"] = torch.cat(
+                    [sd[f"{s}attn2.to_{p}.{leaf}"] for p in "qkv"]
+                )
+                out[f"{x}attn2.proj.{leaf}"] = sd[f"{s}attn2.to_out.0.{leaf}"]
+            out[f"{x}attn2.ln_q.weight"] = sd[f"{s}attn2.norm_q.weight"]
+            out[f"{x}attn2.ln_k.weight"] = sd[f"{s}attn2.norm_k.weight"]
+    return out
+
+
+def test_sd2_is_told_by_its_openclip_and_v_prediction_is_overridable(
+    source, tokenizers, tmp_path
+) -> None:
+    src = source["sd15"]
+    tensors = cf.checkpoint_tensors("sd15", src)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("cond_stage_model.")}
+    from transformers import CLIPTextModelWithProjection
+
+    g = CLIPTextModelWithProjection(src.text_encoder.config)
+    g.text_model.load_state_dict(src.text_encoder.state_dict())
+    tensors |= {
+        "cond_stage_model.model." + k: v
+        for k, v in cf.open_clip(g).items()
+        if k != "text_projection"
+    }
+    f = cf.write(tmp_path / "sd2.safetensors", tensors)
+    found = inspect_files(f)
+    assert (found.variant, found.prediction_type) == ("sd2", "v_prediction")
+    pipe = build_pipeline(found, [tokenizers["sd15"]])
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    for k, v in src.text_encoder.state_dict().items():
+        assert torch.equal(pipe.text_encoder.state_dict()[k], v), k
+    assert inspect_files(f, prediction_type="epsilon").prediction_type == "epsilon"
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_truncated_file(source, tmp_path) -> None:
+    base, _, _ = _write_set("sd15", source["sd15"], "fp16", tmp_path)
+    data = base.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(ModelLoadError, match=r"cut\.safetensors: truncated"):
+        inspect_files(cut)
+
+
+def test_lora_picked_as_checkpoint(tmp_path) -> None:
+    lora = {
+        f"lora_unet_down_blocks_0_attn.lora_down.weight{i}": torch.zeros(4, 8) for i in range(3)
+    }
+    f = cf.write(tmp_path / "style.safetensors", lora)
+    with pytest.raises(ModelLoadError, match=r"style\.safetensors: a LoRA/LyCORIS adapter"):
+        inspect_files(f)
+
+
+def test_unsupported_architecture(tmp_path) -> None:
+    f = cf.write(tmp_path / "other.safetensors", {"blocks.0.weight": torch.zeros(2, 2)})
+    with pytest.raises(ModelLoadError, match=r"other\.safetensors: unsupported architecture"):
+        inspect_files(f)
+
+
+def test_flux_with_sdxl_text_encoder_names_both_files(source, tmp_path) -> None:
+    base, encoders, vae = _write_set("flux", source["flux"], "fp32", tmp_path)
+    big = tiny.build_pipeline("sdxl").text_encoder_2
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    wide = CLIPTextModel(
+        CLIPTextConfig(**{**big.config.to_dict(), "hidden_size": 48, "intermediate_size": 96})
+    )
+    g = cf.write(tmp_path / "clip_g.safetensors", cf.hf_clip(wide))
+    with pytest.raises(ModelLoadError, match=r"clip_g\.safetensors does not fit flux\.safetensors"):
+        inspect_files(base, [g, encoders[1]], vae)
+
+
+def test_vae_of_another_latent_size(source, tmp_path) -> None:
+    base, encoders, _ = _write_set("flux", source["flux"], "fp32", tmp_path)
+    sd_vae = cf.write(tmp_path / "sd_vae.safetensors", cf.vae_to_ldm(source["sd15"].vae))
+    with pytest.raises(
+        ModelLoadError, match=r"sd_vae\.safetensors does not fit flux\.safetensors: a VAE with 4"
+    ):
+        inspect_files(base, encoders, sd_vae)
+
+
+def test_missing_parts_and_wrong_roles(source, tmp_path) -> None:
+    base, encoders, vae = _write_set("flux", source["flux"], "fp32", tmp_path)
+    with pytest.raises(ModelLoadError, match="has no VAE component"):
+        inspect_files(base, encoders)
+    with pytest.raises(ModelLoadError, match=r"ae\.safetensors: is a vae file, not a base model"):
+        inspect_files(vae)
+    with pytest.raises(ModelLoadError, match="not a text encoder"):
+        inspect_files(base, [vae], vae)
+    with pytest.raises(ModelLoadError, match="pickle"):
+        inspect_files(tmp_path / "model.ckpt")
+
+
+def test_missing_tokenizer_says_what_to_pass(source, tmp_path) -> None:
+    base, _, _ = _write_set("sd15", source["sd15"], "fp16", tmp_path)
+    with pytest.raises(ModelLoadError, match=r"no CLIP .* tokenizer for the clip_l text encoder"):
+        build_pipeline(inspect_files(base), [tmp_path / "nothing"])
