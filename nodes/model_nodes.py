@@ -74,7 +74,8 @@ class LoadDiffusersModel(LycorisNode):
                     [NONE, *_host.list_diffusers_folders()],
                     {
                         "default": NONE,
-                        "tooltip": "For a single file: the diffusers folder with its configs.",
+                        "tooltip": "For a single file (optional): a diffusers folder with its "
+                        "configs; without one, the file is read on its own (offline).",
                     },
                 ),
             },
@@ -84,8 +85,6 @@ class LoadDiffusersModel(LycorisNode):
     def VALIDATE_INPUTS(cls, model: str, config_folder: str = NONE) -> bool | str:
         if model not in model_choices():
             return f"model {model!r} is not in ComfyUI's model folders; refresh the node list"
-        if model.startswith(FILE_PREFIX) and config_folder == NONE:
-            return "a single-file model needs config_folder: a diffusers folder of the same model"
         return True
 
     def run(
@@ -110,7 +109,14 @@ class LoadDiffusersModel(LycorisNode):
             from ..lycoris_core.errors import ModelLoadError
 
             raise ModelLoadError(f"{model}: not found in ComfyUI's model folders; refresh the list")
-        loaded = load_model(path, config_dir=cfg, dtype=dtype, device=device, offload=offload)
+        loaded = load_model(
+            path,
+            config_dir=cfg,
+            dtype=dtype,
+            device=device,
+            offload=offload,
+            tokenizer_dirs=_host.tokenizer_folders(),
+        )
         return (ModelHandle(loaded),)
 
 

@@ -8,8 +8,16 @@ with diffusers' single-file functions, tokenizers from local folders).
 
 from __future__ import annotations
 
-from .assemble import build_pipeline
+from .assemble import build_pipeline, load_files
 from .header import Header, read_header
 from .inspect import VARIANTS, CheckpointSet, inspect_files
 
-__all__ = ["VARIANTS", "CheckpointSet", "Header", "build_pipeline", "inspect_files", "read_header"]
+__all__ = [
+    "VARIANTS",
+    "CheckpointSet",
+    "Header",
+    "build_pipeline",
+    "inspect_files",
+    "load_files",
+    "read_header",
+]

@@ -225,3 +225,54 @@ def build_pipeline(
         pipe = FluxPipeline(transformer=denoiser, **comps)
     logger.info("built %s from %s", cs.describe(), ", ".join(str(f) for f in cs.files))
     return pipe
+
+
+def load_files(
+    base: str | os.PathLike[str],
+    text_encoders: Sequence[str | os.PathLike[str]] = (),
+    vae: str | os.PathLike[str] | None = None,
+    *,
+    tokenizer_dirs: Sequence[str | os.PathLike[str]] = (),
+    dtype: torch.dtype = torch.float32,
+    fp8: str = "keep",
+    variant: str | None = None,
+    prediction_type: str | None = None,
+    config_overrides: dict[str, dict[str, Any]] | None = None,
+) -> tuple[Any, CheckpointSet]:
+    """Inspect, check and build in one call: (pipeline, what was found)."""
+    from ..errors import ModelLoadError
+    from .inspect import inspect_files
+
+    if Path(base).suffix.lower() == ".gguf":
+        from .gguf import gguf_shapes
+
+        gguf_shapes(Path(base))  # the "install gguf" error comes first
+        raise ModelLoadError(
+            f"{base}: GGUF denoisers are not assembled into pipelines yet; use a "
+            ".safetensors file of the model (fp8 files keep the memory low)"
+        )
+    if fp8 not in ("keep", "upcast"):
+        raise ModelLoadError(f"fp8={fp8!r}: use 'keep' (fp8 storage) or 'upcast'")
+    found = inspect_files(
+        base, text_encoders, vae, variant=variant, prediction_type=prediction_type
+    )
+    with _QuietCasts():
+        pipe = build_pipeline(
+            found, tokenizer_dirs, dtype=dtype, fp8=fp8, config_overrides=config_overrides
+        )
+    return pipe, found
+
+
+class _QuietCasts:
+    """diffusers warns on every ``.to(dtype)`` of a model without fp32 modules; our casts
+    happen on the meta device before any weight exists, so the warning says nothing here."""
+
+    def __enter__(self) -> None:
+        import diffusers.models.modeling_utils as mu
+
+        self._logger = mu.logger
+        self._level = mu.logger.level
+        mu.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.setLevel(self._level)
