@@ -328,3 +328,21 @@ def test_missing_tokenizer_says_what_to_pass(source, tmp_path) -> None:
     base, _, _ = _write_set("sd15", source["sd15"], "fp16", tmp_path)
     with pytest.raises(ModelLoadError, match=r"no CLIP .* tokenizer for the clip_l text encoder"):
         build_pipeline(inspect_files(base), [tmp_path / "nothing"])
+
+
+def test_cli_samples_a_split_flux_set(source, tokenizers, tmp_path, capsys) -> None:
+    import json
+
+    from lycoris_core.__main__ import main
+
+    base, encoders, vae = _write_set("flux", source["flux"], "fp8", tmp_path)
+    files = ["--base", str(base), "--vae", str(vae), "--tokenizers", str(tokenizers["flux"])]
+    rest = ["--prompt", "a cat", "--steps", "2", "--width", "32", "--height", "32"]
+    rest += ["--out", str(tmp_path / "out.png"), "--device", "cpu", "--dtype", "bf16", "--json"]
+    encoder_args = [a for f in encoders for a in ("--text-encoder", str(f))]
+    assert main(["sample", *files, *encoder_args, *rest]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["family"] == "flux" and result["base"] == "flux (flux-dev), stored fp8_e4m3fn"
+    assert (tmp_path / "out.png").is_file()
+    assert main(["sample", *files, *rest]) == 2  # no text encoders given
+    assert "has no CLIP-L component" in capsys.readouterr().err
