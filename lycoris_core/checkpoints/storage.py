@@ -2,10 +2,11 @@
 
 * fp16/bf16/fp32 tensors are read as stored and cast (per tensor) to the compute dtype.
 * Plain fp8 (``float8_e4m3fn`` / ``float8_e5m2``): kept fp8 (``fp8="keep"``): the module is
-  built on the meta device, diffusers' layerwise casting hooks
-  (``diffusers.hooks.apply_layerwise_casting``) make its Linear/Conv layers store fp8 and
-  compute in the compute dtype, and each tensor is assigned as read. ``fp8="upcast"`` casts
-  each tensor to the compute dtype as it is read.
+  built on the meta device, diffusers' layerwise casting hook
+  (``diffusers.hooks.layerwise_casting.apply_layerwise_casting_hook``) makes each Linear/Conv
+  layer whose weight the file stores in fp8 keep fp8 storage (its bias too) and compute in
+  the compute dtype, and each tensor is assigned as read (no copy of the fp8 weights).
+  ``fp8="upcast"`` casts each tensor to the compute dtype as it is read.
 * ComfyUI's scaled fp8 (a ``scaled_fp8`` marker under the model prefix; per layer
   ``scale_weight``): dequantised as ``weight.float() * scale_weight`` per tensor, straight to
   the compute dtype; ``scale_input`` (an activation scale for fp8 matmuls) is dropped.
@@ -90,27 +91,18 @@ def build(
 ) -> nn.Module:
     """A module from `factory` (built on the meta device) with `state` assigned in place.
 
-    When `state` holds fp8 tensors, the module's Linear/Conv layers keep fp8 storage through
-    diffusers' layerwise casting, computing in `dtype`; other tensors are cast to the dtype the
+    Linear/Conv layers whose weights `state` holds in fp8 keep fp8 storage through diffusers'
+    layerwise casting hook, computing in `dtype`; other tensors are cast to the dtype the
     module expects for them. `state` must match the module's names exactly.
     """
     from accelerate import init_empty_weights
 
     with init_empty_weights():
         module = factory()
+    module.to(dtype=dtype)
     storage = fp8_dtype(state.values())
     if storage is not None:
-        from diffusers.hooks import apply_layerwise_casting
-        from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
-
-        skip = (
-            *DEFAULT_SKIP_MODULES_PATTERN,
-            *(getattr(module, "_skip_layerwise_casting_patterns", None) or ()),
-        )
-        module.to(dtype=dtype)
-        apply_layerwise_casting(module, storage, dtype, skip_modules_pattern=skip)
-    else:
-        module.to(dtype=dtype)
+        _hook_fp8_layers(module, state, storage, dtype)
     expected = module.state_dict(keep_vars=True)
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
@@ -132,6 +124,22 @@ def build(
     module.load_state_dict(cast, strict=True, assign=True)
     _materialise_meta_buffers(module, dtype)
     return module.eval()
+
+
+def _hook_fp8_layers(
+    module: nn.Module, state: dict[str, torch.Tensor], storage: torch.dtype, dtype: torch.dtype
+) -> None:
+    """diffusers' layerwise casting hook on exactly the Linear/Conv layers the file stores in
+    fp8 (diffusers' own default also skips the adaLN Linears inside ``norm*`` modules, which
+    would upcast a quarter of a Flux file; here the file decides)."""
+    from diffusers.hooks.layerwise_casting import apply_layerwise_casting_hook
+
+    for name, sub in module.named_modules():
+        if not isinstance(sub, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            continue
+        weight = state.get(f"{name}.weight" if name else "weight")
+        if weight is not None and weight.dtype in FP8:
+            apply_layerwise_casting_hook(sub, storage, dtype, non_blocking=False)
 
 
 def _materialise_meta_buffers(module: nn.Module, dtype: Any) -> None:
