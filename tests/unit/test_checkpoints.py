@@ -346,3 +346,47 @@ def test_cli_samples_a_split_flux_set(source, tokenizers, tmp_path, capsys) -> N
     assert (tmp_path / "out.png").is_file()
     assert main(["sample", *files, *rest]) == 2  # no text encoders given
     assert "has no CLIP-L component" in capsys.readouterr().err
+
+
+def test_load_model_keeps_fp8_storage(source, tokenizers, tmp_path) -> None:
+    """The LoadedModel handle (what nodes and the CLI use) does not upcast fp8 weights."""
+    from lycoris_core.models import load_model
+
+    base, encoders, vae = _write_set("flux", source["flux"], "fp8", tmp_path)
+    model = load_model(
+        base,
+        text_encoders=encoders,
+        vae=vae,
+        tokenizer_dirs=[tokenizers["flux"]],
+        dtype="bf16",
+        device="cpu",
+    )
+    assert model.storage == "fp8_e4m3fn" and model.dtype == torch.bfloat16
+    linear = model.denoiser.transformer_blocks[0].attn.to_q
+    assert linear.weight.dtype == cf.FP8
+    ref = source["flux"].transformer.transformer_blocks[0].attn.to_q.weight
+    assert torch.equal(linear.weight, ref.to(cf.FP8))
+
+
+def test_comfyui_tokenizer_layout(source, tmp_path) -> None:
+    """ComfyUI's tree: comfy/sd1_tokenizer (CLIP) and comfy/text_encoders/t5_tokenizer (T5)."""
+    comfy = tmp_path / "comfy"
+    source["flux"].tokenizer.save_pretrained(str(comfy / "sd1_tokenizer"))
+    source["flux"].tokenizer_2.save_pretrained(str(comfy / "text_encoders" / "t5_tokenizer"))
+    base, encoders, vae = _write_set("flux", source["flux"], "fp32", tmp_path)
+    pipe = build_pipeline(inspect_files(base, encoders, vae), [comfy])
+    ids = pipe.tokenizer_2("a cat").input_ids
+    assert ids == source["flux"].tokenizer_2("a cat").input_ids
+    assert type(pipe.tokenizer_2).__name__ == type(source["flux"].tokenizer_2).__name__
+
+
+def test_gguf_without_the_package_says_how_to_install(tmp_path, monkeypatch) -> None:
+    import sys
+
+    from lycoris_core.checkpoints import load_files
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf -> ImportError
+    f = tmp_path / "flux1-dev-Q4_K_S.gguf"
+    f.write_bytes(b"GGUF")
+    with pytest.raises(ModelLoadError, match=r"Q4_K_S\.gguf: GGUF files need .*pip install gguf"):
+        load_files(f)
