@@ -152,8 +152,9 @@ def classify(h: Header) -> FileKind:
         "encoder.down_blocks.0.resnets.0.conv1.weight"
     ):
         raise ModelLoadError(
-            f"{h.path}: a diffusers-format component file; load its diffusers folder (with "
-            "model_index.json), or pick the original-layout file ComfyUI uses"
+            f"{h.path}: a diffusers-format component file; pass a diffusers folder of the "
+            "same model as its config folder (config_dir / --config-dir / config_folder), or "
+            "pick the original-layout file ComfyUI uses"
         )
     sample = ", ".join(h.keys()[:3])
     raise ModelLoadError(
