@@ -390,3 +390,26 @@ def test_gguf_without_the_package_says_how_to_install(tmp_path, monkeypatch) -> 
     f.write_bytes(b"GGUF")
     with pytest.raises(ModelLoadError, match=r"Q4_K_S\.gguf: GGUF files need .*pip install gguf"):
         load_files(f)
+
+
+def test_sd3_split_set(source, tokenizers, tmp_path) -> None:
+    """An SAI MMDiT diffusion model + clip_l, clip_g, t5xxl + VAE files (CLIP-L before G when
+    their widths do not tell them apart, as in DualCLIPLoader/TripleCLIPLoader)."""
+    src = source["sd3"]
+    files = {
+        "sd3.safetensors": cf.sd3_to_sai(src.transformer),
+        "clip_l.safetensors": cf.hf_clip(src.text_encoder),
+        "clip_g.safetensors": cf.hf_clip(src.text_encoder_2),
+        "t5xxl.safetensors": cf.t5_file(src.text_encoder_3),
+        "vae.safetensors": cf.vae_to_ldm(src.vae),
+    }
+    paths = {n: cf.write(tmp_path / n, cf.to_storage(t, "fp16")) for n, t in files.items()}
+    found = inspect_files(
+        paths["sd3.safetensors"],
+        [paths["clip_l.safetensors"], paths["clip_g.safetensors"], paths["t5xxl.safetensors"]],
+        paths["vae.safetensors"],
+    )
+    assert (found.family, found.variant, found.storage) == ("sd3", "sd3-medium", "fp16")
+    assert found.parts["clip_g"].name == "clip_g.safetensors"
+    pipe = build_pipeline(found, [tokenizers["sd3"]], dtype=torch.float16)
+    _check_weights("sd3", src, pipe, "fp16")
