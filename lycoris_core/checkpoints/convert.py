@@ -45,6 +45,8 @@ def clip(state: Tensors, part: Part, with_projection: bool) -> Tensors:
     body = _strip(state, part.prefix)
     if part.layout == "open_clip":
         body = _open_clip(body, part)
+    keep = ("text_model.", "text_projection.weight", "embeddings.", "encoder.", "final_layer_norm.")
+    body = {k: v for k, v in body.items() if k.startswith(keep)}  # no logit_scale and the like
     inner = {
         (k[len("text_model.") :] if k.startswith("text_model.") else k): v for k, v in body.items()
     }

@@ -97,17 +97,15 @@ def _checkpoint(h: Header) -> FileKind | None:
     parts: dict[str, Part] = {}
     if h.with_prefix(VAE):
         parts["vae"] = Part(h, VAE, "ldm_vae")
-    if h.with_prefix(UNET + "joint_blocks."):
-        parts["denoiser"] = Part(h, UNET, "sai_mmdit")
+    mmdit = h.with_prefix(UNET + "joint_blocks.")
+    if mmdit or h.with_prefix(UNET + "double_blocks."):  # SD3, or Flux saved by ComfyUI
+        parts["denoiser"] = Part(h, UNET, "sai_mmdit" if mmdit else "bfl_flux")
         for slot, prefix in SD3_TE.items():
             if slot == "t5xxl" and h.with_prefix(prefix + "encoder."):
                 parts[slot] = Part(h, prefix, "t5")
             elif slot != "t5xxl" and (part := _clip_part(h, prefix)):
                 parts[slot] = part
-        return FileKind("checkpoint", "sd3", parts)
-    if h.with_prefix(UNET + "double_blocks."):
-        parts["denoiser"] = Part(h, UNET, "bfl_flux")
-        return FileKind("checkpoint", "flux", parts)
+        return FileKind("checkpoint", "sd3" if mmdit else "flux", parts)
     if not h.with_prefix(UNET + "input_blocks."):
         return None
     parts["denoiser"] = Part(h, UNET, "ldm_unet")

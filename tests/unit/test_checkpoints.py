@@ -413,3 +413,28 @@ def test_sd3_split_set(source, tokenizers, tmp_path) -> None:
     assert found.parts["clip_g"].name == "clip_g.safetensors"
     pipe = build_pipeline(found, [tokenizers["sd3"]], dtype=torch.float16)
     _check_weights("sd3", src, pipe, "fp16")
+
+
+def test_flux_checkpoint_and_extra_tensors_of_real_files(source, tokenizers, tmp_path) -> None:
+    """A Flux checkpoint as ComfyUI saves one (all parts in one file, scaled fp8 denoiser),
+    plus the extra tensors real files carry: position ids, DDPM buffers, logit_scale."""
+    src = source["flux"]
+    split = cf.flux_split(src)
+    tensors = {UNET_PREFIX + k: v for k, v in split["flux.safetensors"].items()}
+    tensors = cf.to_storage(tensors, "scaled_fp8", UNET_PREFIX)
+    tensors |= {"first_stage_model." + k: v for k, v in split["ae.safetensors"].items()}
+    tensors |= {
+        "text_encoders.clip_l.transformer." + k: v for k, v in split["clip_l.safetensors"].items()
+    }
+    tensors |= {
+        "text_encoders.t5xxl.transformer." + k: v for k, v in split["t5xxl.safetensors"].items()
+    }
+    tensors["text_encoders.clip_l.transformer.text_model.embeddings.position_ids"] = torch.arange(
+        77
+    )[None]
+    tensors["text_encoders.clip_l.transformer.logit_scale"] = torch.tensor(4.6)
+    tensors["alphas_cumprod"] = torch.rand(1000)
+    found = inspect_files(cf.write(tmp_path / "flux-ckpt.safetensors", tensors))
+    assert found.describe() == "flux (flux-dev), stored fp8_e4m3fn (scaled)"
+    pipe = build_pipeline(found, [tokenizers["flux"]], dtype=torch.bfloat16)
+    _check_weights("flux", src, pipe, "scaled_fp8")
