@@ -1,5 +1,8 @@
 """Write the tiny pipelines as the single files ComfyUI users have (test fixtures).
 
+Also the checkpoint tests' pytest fixtures (offline mode, the source pipelines, their
+tokenizer folders) and :func:`write_set`.
+
 The renaming diffusers -> original layouts is written here from the layouts' descriptions
 (CompVis ldm UNet/VAE, OpenCLIP, SAI MMDiT, BFL Flux, ComfyUI's text encoder files), on its
 own and in the opposite direction of the loader's conversion (which uses diffusers'
@@ -8,11 +11,17 @@ functions), so that a file written here and read back by the loader tests both.
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
+import pytest
 import torch
 from safetensors.torch import save_file
+
+from lycoris_core import tiny
 
 Tensors = dict[str, torch.Tensor]
 FP8 = torch.float8_e4m3fn
@@ -372,3 +381,49 @@ def save_tokenizers(pipe: Any, folder: Path) -> Path:
         if tok is not None:
             tok.save_pretrained(str(folder / name))
     return folder
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline() -> Iterator[None]:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"network access attempted: {args!r}")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        mp.setattr(socket.socket, "connect", refuse)
+        mp.setattr(socket, "create_connection", refuse)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def source() -> dict[str, object]:
+    return {f: tiny.build_pipeline(f) for f in tiny.FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def tokenizers(source: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tokenizers")
+    return {f: save_tokenizers(p, root / f) for f, p in source.items()}
+
+
+def write_set(
+    family: str, pipe: object, storage: str, folder: Path
+) -> tuple[Path, list, Path | None]:
+    """(base, text encoder files, vae file): one checkpoint, or Flux's split set."""
+    if family == "flux":
+        files = {}
+        for name, tensors in flux_split(pipe).items():
+            if name == "flux.safetensors":
+                tensors = to_storage(tensors, storage)
+            files[name] = write(folder / name, tensors)
+        encoders = [files["clip_l.safetensors"], files["t5xxl.safetensors"]]
+        return files["flux.safetensors"], encoders, files["ae.safetensors"]
+    tensors = to_storage(checkpoint_tensors(family, pipe), storage, "model.diffusion_model.")
+    return write(folder / f"{family}-{storage}.safetensors", tensors), [], None

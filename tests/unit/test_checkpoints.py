@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from checkpoint_files, used as arguments)
 """Base models from single files and split sets, offline (lycoris_core/checkpoints).
 
 Files are written from the tiny pipelines by tests/unit/checkpoint_files.py (its own renaming
@@ -6,18 +7,13 @@ to the original layouts), then loaded with sockets blocked and no diffusers fold
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Iterator
-from pathlib import Path
-
 import checkpoint_files as cf
-import huggingface_hub
 import pytest
 import torch
+from checkpoint_files import offline, source, tokenizers, write_set  # noqa: F401 (fixtures)
 
 from lycoris_core import tiny
 from lycoris_core.checkpoints import build_pipeline, inspect_files, read_header
-from lycoris_core.errors import ModelLoadError
 
 UNET_PREFIX = "model.diffusion_model."
 STORAGES = ("fp32", "fp16", "bf16", "fp8", "scaled_fp8")
@@ -28,51 +24,8 @@ BF16_REL = 2.0**-8
 VARIANT = {"sd15": "sd1", "sdxl": "sdxl-base", "sd3": "sd3-medium", "flux": "flux-dev"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def offline() -> Iterator[None]:
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError(f"network access attempted: {args!r}")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        mp.setattr(socket.socket, "connect", refuse)
-        mp.setattr(socket, "create_connection", refuse)
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)
-        yield
-        torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def source() -> dict[str, object]:
-    return {f: tiny.build_pipeline(f) for f in tiny.FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def tokenizers(source: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tokenizers")
-    return {f: cf.save_tokenizers(p, root / f) for f, p in source.items()}
-
-
-def _write_set(
-    family: str, pipe: object, storage: str, folder: Path
-) -> tuple[Path, list, Path | None]:
-    """(base, text encoder files, vae file): one checkpoint, or Flux's split set."""
-    if family == "flux":
-        files = {}
-        for name, tensors in cf.flux_split(pipe).items():
-            if name == "flux.safetensors":
-                tensors = cf.to_storage(tensors, storage)
-            files[name] = cf.write(folder / name, tensors)
-        encoders = [files["clip_l.safetensors"], files["t5xxl.safetensors"]]
-        return files["flux.safetensors"], encoders, files["ae.safetensors"]
-    tensors = cf.to_storage(cf.checkpoint_tensors(family, pipe), storage, UNET_PREFIX)
-    return cf.write(folder / f"{family}-{storage}.safetensors", tensors), [], None
-
-
 def _load(family, pipe, storage, folder, tokenizers, dtype=torch.float32, fp8="keep"):
-    base, encoders, vae = _write_set(family, pipe, storage, folder)
+    base, encoders, vae = write_set(family, pipe, storage, folder)
     found = inspect_files(base, encoders, vae)
     return found, build_pipeline(found, [tokenizers[family]], dtype=dtype, fp8=fp8)
 
@@ -170,7 +123,7 @@ def test_fp8_upcast_gives_plain_weights(source, tokenizers, tmp_path) -> None:
 
 
 def test_headers_are_enough_to_detect(source, tmp_path) -> None:
-    base, _, _ = _write_set("sdxl", source["sdxl"], "fp16", tmp_path)
+    base, _, _ = write_set("sdxl", source["sdxl"], "fp16", tmp_path)
     header = read_header(base)
     assert header.storage_dtype(UNET_PREFIX) == "fp16"
     found = inspect_files(base)
@@ -263,79 +216,12 @@ def test_sd2_is_told_by_its_openclip_and_v_prediction_is_overridable(
     assert inspect_files(f, prediction_type="epsilon").prediction_type == "epsilon"
 
 
-# --------------------------------------------------------------------------- bad input
-
-
-def test_truncated_file(source, tmp_path) -> None:
-    base, _, _ = _write_set("sd15", source["sd15"], "fp16", tmp_path)
-    data = base.read_bytes()
-    cut = tmp_path / "cut.safetensors"
-    cut.write_bytes(data[: len(data) - 1000])
-    with pytest.raises(ModelLoadError, match=r"cut\.safetensors: truncated"):
-        inspect_files(cut)
-
-
-def test_lora_picked_as_checkpoint(tmp_path) -> None:
-    lora = {
-        f"lora_unet_down_blocks_0_attn.lora_down.weight{i}": torch.zeros(4, 8) for i in range(3)
-    }
-    f = cf.write(tmp_path / "style.safetensors", lora)
-    with pytest.raises(ModelLoadError, match=r"style\.safetensors: a LoRA/LyCORIS adapter"):
-        inspect_files(f)
-
-
-def test_unsupported_architecture(tmp_path) -> None:
-    f = cf.write(tmp_path / "other.safetensors", {"blocks.0.weight": torch.zeros(2, 2)})
-    with pytest.raises(ModelLoadError, match=r"other\.safetensors: unsupported architecture"):
-        inspect_files(f)
-
-
-def test_flux_with_sdxl_text_encoder_names_both_files(source, tmp_path) -> None:
-    base, encoders, vae = _write_set("flux", source["flux"], "fp32", tmp_path)
-    big = tiny.build_pipeline("sdxl").text_encoder_2
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    wide = CLIPTextModel(
-        CLIPTextConfig(**{**big.config.to_dict(), "hidden_size": 48, "intermediate_size": 96})
-    )
-    g = cf.write(tmp_path / "clip_g.safetensors", cf.hf_clip(wide))
-    with pytest.raises(ModelLoadError, match=r"clip_g\.safetensors does not fit flux\.safetensors"):
-        inspect_files(base, [g, encoders[1]], vae)
-
-
-def test_vae_of_another_latent_size(source, tmp_path) -> None:
-    base, encoders, _ = _write_set("flux", source["flux"], "fp32", tmp_path)
-    sd_vae = cf.write(tmp_path / "sd_vae.safetensors", cf.vae_to_ldm(source["sd15"].vae))
-    with pytest.raises(
-        ModelLoadError, match=r"sd_vae\.safetensors does not fit flux\.safetensors: a VAE with 4"
-    ):
-        inspect_files(base, encoders, sd_vae)
-
-
-def test_missing_parts_and_wrong_roles(source, tmp_path) -> None:
-    base, encoders, vae = _write_set("flux", source["flux"], "fp32", tmp_path)
-    with pytest.raises(ModelLoadError, match="has no VAE component"):
-        inspect_files(base, encoders)
-    with pytest.raises(ModelLoadError, match=r"ae\.safetensors: is a vae file, not a base model"):
-        inspect_files(vae)
-    with pytest.raises(ModelLoadError, match="not a text encoder"):
-        inspect_files(base, [vae], vae)
-    with pytest.raises(ModelLoadError, match="pickle"):
-        inspect_files(tmp_path / "model.ckpt")
-
-
-def test_missing_tokenizer_says_what_to_pass(source, tmp_path) -> None:
-    base, _, _ = _write_set("sd15", source["sd15"], "fp16", tmp_path)
-    with pytest.raises(ModelLoadError, match=r"no CLIP .* tokenizer for the clip_l text encoder"):
-        build_pipeline(inspect_files(base), [tmp_path / "nothing"])
-
-
 def test_cli_samples_a_split_flux_set(source, tokenizers, tmp_path, capsys) -> None:
     import json
 
     from lycoris_core.__main__ import main
 
-    base, encoders, vae = _write_set("flux", source["flux"], "fp8", tmp_path)
+    base, encoders, vae = write_set("flux", source["flux"], "fp8", tmp_path)
     files = ["--base", str(base), "--vae", str(vae), "--tokenizers", str(tokenizers["flux"])]
     rest = ["--prompt", "a cat", "--steps", "2", "--width", "32", "--height", "32"]
     rest += ["--out", str(tmp_path / "out.png"), "--device", "cpu", "--dtype", "bf16", "--json"]
@@ -352,7 +238,7 @@ def test_load_model_keeps_fp8_storage(source, tokenizers, tmp_path) -> None:
     """The LoadedModel handle (what nodes and the CLI use) does not upcast fp8 weights."""
     from lycoris_core.models import load_model
 
-    base, encoders, vae = _write_set("flux", source["flux"], "fp8", tmp_path)
+    base, encoders, vae = write_set("flux", source["flux"], "fp8", tmp_path)
     model = load_model(
         base,
         text_encoders=encoders,
@@ -373,23 +259,11 @@ def test_comfyui_tokenizer_layout(source, tmp_path) -> None:
     comfy = tmp_path / "comfy"
     source["flux"].tokenizer.save_pretrained(str(comfy / "sd1_tokenizer"))
     source["flux"].tokenizer_2.save_pretrained(str(comfy / "text_encoders" / "t5_tokenizer"))
-    base, encoders, vae = _write_set("flux", source["flux"], "fp32", tmp_path)
+    base, encoders, vae = write_set("flux", source["flux"], "fp32", tmp_path)
     pipe = build_pipeline(inspect_files(base, encoders, vae), [comfy])
     ids = pipe.tokenizer_2("a cat").input_ids
     assert ids == source["flux"].tokenizer_2("a cat").input_ids
     assert type(pipe.tokenizer_2).__name__ == type(source["flux"].tokenizer_2).__name__
-
-
-def test_gguf_without_the_package_says_how_to_install(tmp_path, monkeypatch) -> None:
-    import sys
-
-    from lycoris_core.checkpoints import load_files
-
-    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf -> ImportError
-    f = tmp_path / "flux1-dev-Q4_K_S.gguf"
-    f.write_bytes(b"GGUF")
-    with pytest.raises(ModelLoadError, match=r"Q4_K_S\.gguf: GGUF files need .*pip install gguf"):
-        load_files(f)
 
 
 def test_sd3_split_set(source, tokenizers, tmp_path) -> None:
