@@ -19,8 +19,8 @@ from . import configs, convert
 from .detect import Part
 from .inspect import CheckpointSet, clip_projection
 from .storage import build, read_part
+from .tokenizers import find_folder, token_ids
 from .tokenizers import load as load_tokenizer
-from .tokenizers import token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +198,9 @@ def build_pipeline(
 
     dirs = [Path(d) for d in tokenizer_dirs]
     keep = fp8 == "keep"
+    for slot in _TEXT_SLOTS[cs.family]:  # every tokenizer found before any weight is read
+        if slot in cs.parts:
+            find_folder(cs.family, slot, dirs)
     comps: dict[str, Any] = {}
     for slot, (enc, tok_name, _) in _TEXT_SLOTS[cs.family].items():
         if slot in cs.parts:
