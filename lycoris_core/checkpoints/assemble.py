@@ -246,14 +246,6 @@ def load_files(
     from ..errors import ModelLoadError
     from .inspect import inspect_files
 
-    if Path(base).suffix.lower() == ".gguf":
-        from .gguf import gguf_shapes
-
-        gguf_shapes(Path(base))  # the "install gguf" error comes first
-        raise ModelLoadError(
-            f"{base}: GGUF denoisers are not assembled into pipelines yet; use a "
-            ".safetensors file of the model (fp8 files keep the memory low)"
-        )
     if fp8 not in ("keep", "upcast"):
         raise ModelLoadError(f"fp8={fp8!r}: use 'keep' (fp8 storage) or 'upcast'")
     found = inspect_files(

@@ -1,68 +1,65 @@
-"""GGUF denoisers (city96's Flux/SD3 quantisations) through diffusers' GGUF support.
+"""GGUF denoisers (e.g. city96's Flux/SD3 quantisations) through diffusers' GGUF support.
 
 The ``gguf`` package is optional: without it a typed error says how to install it. With it,
-the tensor shapes come from the GGUF header (``gguf.GGUFReader``), our config is written to a
-temporary folder, and diffusers' ``from_single_file(..., quantization_config=
-GGUFQuantizationConfig(compute_dtype))`` reads the weights, kept quantised.
+:func:`read_gguf_header` gives the same :class:`Header` as a safetensors file (logical
+shapes: GGUF lists dimensions innermost first), so detection, configs and checks are shared;
+:func:`read_gguf_part` reads the tensors with diffusers' ``load_gguf_checkpoint``: quantised
+ones stay ``GGUFParameter`` (diffusers' ``GGUFLinear`` dequantises them per forward, see
+``storage.build``), plain F32/F16 ones are cast to the compute dtype.
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import ModelLoadError
+from .header import Header, TensorInfo
+
+_PLAIN = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}
 
 
-def _reader(path: Path) -> Any:
+def _require_gguf(path: Path) -> Any:
     try:
-        import gguf  # noqa: F401
+        import gguf
     except ImportError:
         raise ModelLoadError(
             f"{path}: GGUF files need the optional 'gguf' package: pip install gguf "
             "(in ComfyUI's Python environment), then load the file again"
         ) from None
-    from gguf import GGUFReader
+    return gguf
 
+
+def read_gguf_header(path: Path) -> Header:
+    """Names, storage types and logical shapes of a GGUF file's tensors."""
+    gguf = _require_gguf(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: file not found")
     try:
-        return GGUFReader(str(path))
-    except Exception as exc:  # the reader raises ValueError/struct errors on bad files
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # the reader raises ValueError/struct/IndexError on bad files
         raise ModelLoadError(f"{path}: not a readable GGUF file ({exc}); re-download it") from None
+    tensors = {}
+    for t in reader.tensors:
+        kind = t.tensor_type.name
+        dtype = _PLAIN.get(kind, f"gguf_{kind.lower()}")
+        tensors[t.name] = TensorInfo(dtype, tuple(int(s) for s in reversed(list(t.shape))))
+    return Header(path=path, tensors=tensors, metadata={"format": "gguf"})
 
 
-def gguf_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor names -> logical shapes (GGUF stores dimensions innermost first)."""
-    reader = _reader(path)
-    return {t.name: tuple(int(s) for s in reversed(list(t.shape))) for t in reader.tensors}
+def read_gguf_part(path: Path, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors under `prefix`, quantised ones kept as diffusers' ``GGUFParameter``."""
+    from diffusers.models.model_loading_utils import load_gguf_checkpoint
+
+    _require_gguf(path)
+    out = {}
+    for name, t in load_gguf_checkpoint(str(path), return_tensors=True).items():
+        if name.startswith(prefix):
+            out[name] = t if hasattr(t, "quant_type") else t.to(dtype)
+    return out
 
 
-def load_gguf_denoiser(path: Path, dtype: torch.dtype) -> tuple[str, Any]:
-    """(family, denoiser) of a GGUF Flux or SD3 file, its weights kept GGUF-quantised."""
-    from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig, SD3Transformer2DModel
-
-    from . import configs, facts
-
-    shapes = gguf_shapes(path)
-    if "double_blocks.0.img_attn.qkv.weight" in shapes:
-        family, cls, cfg = "flux", FluxTransformer2DModel, configs.flux_config(shapes)
-    elif "joint_blocks.0.x_block.attn.qkv.weight" in shapes:
-        prof = facts.profile_for("sd3", shapes["x_embedder.proj.weight"][0])
-        family, cls, cfg = "sd3", SD3Transformer2DModel, configs.sd3_config(shapes, prof)
-    else:
-        raise ModelLoadError(f"{path}: a GGUF file of an unsupported architecture (Flux, SD3 only)")
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "config.json").write_text(
-            json.dumps({"_class_name": cls.__name__, **cfg}), encoding="utf-8"
-        )
-        model = cls.from_single_file(
-            str(path),
-            config=tmp,
-            local_files_only=True,
-            torch_dtype=dtype,
-            quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
-        )
-    return family, model
+def is_quantised(t: torch.Tensor) -> bool:
+    return hasattr(t, "quant_type")

@@ -63,16 +63,17 @@ class Header:
         return [k for k in self.tensors if k.startswith(prefix)]
 
     def storage_dtype(self, prefix: str = "") -> str:
-        """The storage dtype under `prefix`: its fp8 type when any weight is stored in fp8 (fp8
-        files keep biases and norms in bf16), else the dtype of most elements."""
+        """The storage dtype under `prefix`: its fp8 (or GGUF quantisation) type when any
+        weight is stored so (such files keep biases and norms in bf16), else the dtype of most
+        elements."""
         counts: dict[str, int] = {}
         for key, info in self.tensors.items():
-            if key.startswith(prefix) and info.dtype.startswith(("fp", "bf")):
+            if key.startswith(prefix) and info.dtype.startswith(("fp", "bf", "gguf_")):
                 n = 1
                 for s in info.shape:
                     n *= s
                 counts[info.dtype] = counts.get(info.dtype, 0) + n
-        fp8 = [d for d in counts if d.startswith("fp8")]
+        fp8 = [d for d in counts if d.startswith(("fp8", "gguf_"))]
         if fp8:
             return max(fp8, key=counts.__getitem__)
         return max(counts, key=counts.__getitem__) if counts else "none"
@@ -87,7 +88,9 @@ def read_header(path: str | os.PathLike[str]) -> Header:
             "loading them can run arbitrary code; use a .safetensors file"
         )
     if p.suffix.lower() == ".gguf":
-        raise ModelLoadError(f"{p}: a GGUF file; it is read by the GGUF loader, not as safetensors")
+        from .gguf import read_gguf_header
+
+        return read_gguf_header(p)
     if not p.is_file():
         raise ModelLoadError(f"{p}: file not found")
     size = p.stat().st_size

@@ -46,6 +46,10 @@ def read_part(part: Part, dtype: torch.dtype, keep_fp8: bool) -> dict[str, torch
     """
     from safetensors import SafetensorError, safe_open
 
+    if part.header.path.suffix.lower() == ".gguf":
+        from .gguf import read_gguf_part
+
+        return read_gguf_part(part.header.path, part.prefix, dtype)
     scaled = is_scaled_fp8(part)
     out: dict[str, torch.Tensor] = {}
     try:
@@ -103,6 +107,11 @@ def build(
     storage = fp8_dtype(state.values())
     if storage is not None:
         _hook_fp8_layers(module, state, storage, dtype)
+    quantised = {k for k, v in state.items() if hasattr(v, "quant_type")}
+    if quantised:  # GGUF: diffusers' GGUFLinear for every Linear with a quantised weight
+        from diffusers.quantizers.gguf.utils import _replace_with_gguf_linear
+
+        _replace_with_gguf_linear(module, dtype, state)
     expected = module.state_dict(keep_vars=True)
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
@@ -113,15 +122,20 @@ def build(
             "variant"
         )
     cast = {
-        k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype) for k, v in state.items()
+        k: v if v.dtype == expected[k].dtype or k in quantised else v.to(expected[k].dtype)
+        for k, v in state.items()
     }
     for k, v in cast.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
+        if k not in quantised and tuple(v.shape) != tuple(expected[k].shape):
             raise ModelLoadError(
                 f"{what}: tensor {k} has shape {tuple(v.shape)}, the model expects "
                 f"{tuple(expected[k].shape)}; the file is of an unsupported variant"
             )
-    module.load_state_dict(cast, strict=True, assign=True)
+    plain = {k: v for k, v in cast.items() if k not in quantised}
+    module.load_state_dict(plain, strict=not quantised, assign=True)
+    for key in quantised:  # raw GGUF blocks: their shape is not the logical one torch checks
+        owner, _, leaf = key.rpartition(".")
+        module.get_submodule(owner)._parameters[leaf] = cast[key]
     _materialise_meta_buffers(module, dtype)
     return module.eval()
 

@@ -427,3 +427,23 @@ def write_set(
         return files["flux.safetensors"], encoders, files["ae.safetensors"]
     tensors = to_storage(checkpoint_tensors(family, pipe), storage, "model.diffusion_model.")
     return write(folder / f"{family}-{storage}.safetensors", tensors), [], None
+
+
+def write_gguf(path: Path, tensors: Tensors, quant: str = "Q8_0") -> Path:
+    """A GGUF file as city96's Flux quantisations are laid out (BFL names): 2-D weights
+    quantised (`quant`, a ``gguf.GGMLQuantizationType`` name), everything else F32."""
+    import gguf
+
+    kind = gguf.GGMLQuantizationType[quant]
+    writer = gguf.GGUFWriter(str(path), arch="flux")
+    for name, t in tensors.items():
+        data = t.detach().float().numpy()
+        if t.ndim == 2 and name.endswith(".weight") and data.shape[-1] % 32 == 0:
+            writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -312,3 +312,27 @@ def test_flux_checkpoint_and_extra_tensors_of_real_files(source, tokenizers, tmp
     assert found.describe() == "flux (flux-dev), stored fp8_e4m3fn (scaled)"
     pipe = build_pipeline(found, [tokenizers["flux"]], dtype=torch.bfloat16)
     _check_weights("flux", src, pipe, "scaled_fp8")
+
+
+def test_gguf_flux_stays_quantised_and_samples(source, tokenizers, tmp_path) -> None:
+    """A Q8_0 GGUF Flux diffusion model (needs the optional gguf package) + split files."""
+    pytest.importorskip("gguf", reason="the optional gguf package writes the GGUF file")
+    src = source["flux"]
+    split = cf.flux_split(src)
+    base = cf.write_gguf(tmp_path / "flux-Q8_0.gguf", split["flux.safetensors"])
+    others = {n: cf.write(tmp_path / n, split[n]) for n in split if n != "flux.safetensors"}
+    found = inspect_files(
+        base, [others["clip_l.safetensors"], others["t5xxl.safetensors"]], others["ae.safetensors"]
+    )
+    assert found.describe() == "flux (flux-dev), stored gguf_q8_0"
+    pipe = build_pipeline(found, [tokenizers["flux"]])
+    q = pipe.transformer.transformer_blocks[0].attn.to_q
+    assert type(q).__name__ == "GGUFLinear" and hasattr(q.weight, "quant_type")
+    from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+
+    ref = src.transformer.transformer_blocks[0].attn.to_q.weight
+    got = dequantize_gguf_tensor(q.weight).float()
+    assert ((got - ref).abs() <= ref.abs().amax(dim=1, keepdim=True) / 127).all()  # Q8_0 step
+    pipe.set_progress_bar_config(disable=True)
+    image = _sample(pipe, "flux")
+    assert (image - _sample(src, "flux")).abs().mean() < 0.02
