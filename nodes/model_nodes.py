@@ -37,7 +37,8 @@ def model_choices() -> list[str]:
 class LoadDiffusersModel(LycorisNode):
     DESCRIPTION = (
         "Load a diffusers pipeline (SD1.x/2.x, SDXL, SD3, Flux) from ComfyUI's models/diffusers "
-        "folder, a single .safetensors file with a diffusers config folder, or a built-in tiny "
+        "folder, a single .safetensors file (with a diffusers config folder, or on its own: see "
+        "Load Checkpoint (LyCORIS) for split sets), or a built-in tiny "
         "demo model (a random denoiser for trying workflows; its VAE's latents are the picture "
         "at half size, so decoded images show what the denoiser draws)."
     )
