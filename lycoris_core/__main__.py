@@ -58,6 +58,47 @@ def _adapter_arg(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
+def _base_files(args: argparse.Namespace) -> dict[str, Any]:
+    """load_model's keywords for --base and its single-file companions."""
+    return {
+        "config_dir": args.config_dir,
+        "text_encoders": args.text_encoder,
+        "vae": args.vae,
+        "tokenizer_dirs": args.tokenizers,
+        "fp8": args.fp8,
+        "variant": args.variant,
+        "prediction_type": args.prediction_type,
+    }
+
+
+def _add_base_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--base",
+        required=True,
+        help="diffusers pipeline folder, or a .safetensors checkpoint / diffusion model file",
+    )
+    p.add_argument("--config-dir", help="local diffusers folder for a single-file --base")
+    p.add_argument(
+        "--text-encoder",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="text encoder file (clip_l, clip_g, t5xxl) for a diffusion-model --base; repeat",
+    )
+    p.add_argument("--vae", help="VAE file for a diffusion-model --base (e.g. ae.safetensors)")
+    p.add_argument(
+        "--tokenizers",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="folder with tokenizers for single files (a diffusers folder of the model, or "
+        "ComfyUI's comfy/ folder); repeat",
+    )
+    p.add_argument("--fp8", choices=("keep", "upcast"), default="keep", help="fp8 weights")
+    p.add_argument("--variant", help="override the detected variant (e.g. sd2, sd3.5-large)")
+    p.add_argument("--prediction-type", choices=("v_prediction", "epsilon"), help="SD2.x only")
+
+
 def _save_png(images: Any, out: Path) -> None:
     from PIL import Image
 
@@ -82,10 +123,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     adapters = [(load_adapter(path), strength) for path, strength in pairs]
     model = load_model(
         args.base,
-        config_dir=args.config_dir,
         dtype=args.dtype,
         device=args.device,
         offload=args.offload,
+        **_base_files(args),
     )
     bar = tqdm(desc="sampling", unit="step", disable=args.json, file=sys.stderr)
 
@@ -117,6 +158,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     result = {
         "out": str(out),
         "family": model.family.name,
+        "base": model.description or model.family.label,
         "images": images.shape[0],
         "width": images.shape[2],
         "height": images.shape[1],
@@ -174,7 +216,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     check_output_file(args.out, "--out")
     config = LycorisConfig.from_file(args.config)  # before the model loads
-    model = load_model(args.base, config_dir=args.config_dir, dtype=args.dtype, device=args.device)
+    model = load_model(args.base, dtype=args.dtype, device=args.device, **_base_files(args))
     dataset = DatasetSpec(
         folder=args.data,
         resolution=args.resolution,
@@ -252,8 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("sample", help="sample images with LyCORIS adapters at strengths")
-    p.add_argument("--base", required=True, help="diffusers pipeline folder or .safetensors file")
-    p.add_argument("--config-dir", help="local diffusers folder for a single-file --base")
+    _add_base_args(p)
     p.add_argument(
         "--adapter",
         action="append",
@@ -278,8 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("train", help="train a LyCORIS adapter from images + captions")
-    p.add_argument("--base", required=True, help="diffusers pipeline folder or .safetensors file")
-    p.add_argument("--config-dir", help="local diffusers folder for a single-file --base")
+    _add_base_args(p)
     p.add_argument("--config", required=True, help="lycoris_config.json (the seed's format)")
     p.add_argument("--data", required=True, help="folder of images + same-name .txt captions")
     p.add_argument("--out", required=True, help="adapter file to write (.safetensors)")

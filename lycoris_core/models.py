@@ -117,6 +117,8 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     offload: str = "none"
+    storage: str = ""  # how the base weights are stored ("fp8_e4m3fn (scaled)", "bf16", ...)
+    description: str = ""  # family/variant/storage of a single-file base, for node texts
     _patch: PipelinePatch | None = field(default=None, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
@@ -348,9 +350,19 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "auto",
     offload: str = "none",
+    text_encoders: Sequence[str | os.PathLike[str]] = (),
+    vae: str | os.PathLike[str] | None = None,
+    tokenizer_dirs: Sequence[str | os.PathLike[str]] = (),
+    fp8: str = "keep",
+    variant: str | None = None,
+    prediction_type: str | None = None,
 ) -> LoadedModel:
-    """Load a pipeline from a diffusers folder, or a single .safetensors file + config folder.
+    """Load a pipeline from a diffusers folder, or from single files.
 
+    A single file with `config_dir` (a diffusers folder of the same model) loads through
+    diffusers' ``from_single_file``; without it, through :mod:`lycoris_core.checkpoints`
+    (a checkpoint, or a denoiser + `text_encoders` + `vae`, tokenizers from
+    `tokenizer_dirs`, fp8 kept or upcast, `variant` / `prediction_type` overrides).
     `family` (optional) is checked against the detected family. Nothing is downloaded: a
     missing file is an error naming the path.
     """
@@ -360,15 +372,33 @@ def load_model(
     cfg = Path(config_dir) if config_dir is not None else None
     if family is not None and family not in FAMILIES:
         raise ModelLoadError(f"family {family!r} is unknown; use one of {', '.join(FAMILIES)}")
+    found = None
     with _quiet_loading(), torch.inference_mode(False):  # trainable weights, even in ComfyUI
-        pipe = _load_pipe(src, cfg, family, dt)
+        if src.is_dir() or cfg is not None:
+            pipe = _load_pipe(src, cfg, family, dt)
+        else:
+            from .checkpoints import load_files
+
+            pipe, found = load_files(
+                src,
+                text_encoders,
+                vae,
+                tokenizer_dirs=tokenizer_dirs,
+                dtype=dt,
+                fp8=fp8,
+                variant=variant,
+                prediction_type=prediction_type,
+            )
     detected = detect_family(pipe)
     if family is not None and detected.name != family:
         raise ModelLoadError(
             f"{src}: is a {detected.label} model ('{detected.name}'), not '{family}'"
         )
     logger.info("loaded %s (%s) on %s as %s", src, detected.name, dev, dt)
-    return from_pipeline(pipe, str(src), dtype=dt, device=dev, offload=offload)
+    model = from_pipeline(pipe, str(src), dtype=dt, device=dev, offload=offload)
+    if found is not None:
+        model.storage, model.description = found.storage, found.describe()
+    return model
 
 
 def save_merged(

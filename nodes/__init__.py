@@ -11,6 +11,7 @@ from .adapter_nodes import (
     LycorisConfigNode,
     SaveLycoris,
 )
+from .checkpoint_nodes import LoadCheckpointLycoris
 from .dataset_nodes import DatasetFromFolder, DatasetFromImages
 from .model_nodes import ApplyLycoris, LoadDiffusersModel, SampleLycoris, SaveMergedModel
 from .train_nodes import LossPlot, TrainLycoris
@@ -19,6 +20,7 @@ _host.register_folders()
 
 NODES = {
     "LycorisLoadDiffusersModel": (LoadDiffusersModel, "Load Diffusers Model (LyCORIS)"),
+    "LycorisLoadCheckpoint": (LoadCheckpointLycoris, "Load Checkpoint (LyCORIS)"),
     "LycorisConfig": (LycorisConfigNode, "LyCORIS Config"),
     "LycorisLoadConfig": (LoadLycorisConfig, "Load LyCORIS Config"),
     "LycorisLoad": (LoadLycoris, "Load LyCORIS"),

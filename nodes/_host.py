@@ -249,3 +249,27 @@ def free_host_memory() -> Callable[[], None] | None:
         mm.soft_empty_cache()
 
     return free
+
+
+def tokenizer_folders(choice: str | None = None) -> list[Path]:
+    """Where single-file models find tokenizers: `choice` (a sub-folder of the
+    ``tokenizers`` model folders, e.g. a diffusers folder's ``tokenizer*/`` set) first, then
+    ComfyUI's own ``comfy/`` folder (it ships ``sd1_tokenizer`` and
+    ``text_encoders/t5_tokenizer``), then the ``tokenizers`` folders themselves."""
+    found: list[Path] = []
+    if choice:
+        found += [p / choice for p in folders("tokenizers") if (p / choice).is_dir()]
+    if IN_COMFY:  # pragma: no cover
+        import comfy
+
+        found.append(Path(comfy.__file__).parent)
+    return found + [p for p in folders("tokenizers") if p.is_dir()]
+
+
+def list_tokenizer_sets() -> list[str]:
+    """Sub-folders of the ``tokenizers`` model folders (one tokenizer set each)."""
+    names: set[str] = set()
+    for root in folders("tokenizers"):
+        if root.is_dir():
+            names.update(p.name for p in root.iterdir() if p.is_dir())
+    return sorted(names)

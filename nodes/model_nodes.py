@@ -39,7 +39,8 @@ def model_choices() -> list[str]:
 class LoadDiffusersModel(LycorisNode):
     DESCRIPTION = (
         "Load a diffusers pipeline (SD1.x/2.x, SDXL, SD3, Flux) from ComfyUI's models/diffusers "
-        "folder, a single .safetensors file with a diffusers config folder, or a built-in tiny "
+        "folder, a single .safetensors file (with a diffusers config folder, or on its own: see "
+        "Load Checkpoint (LyCORIS) for split sets), or a built-in tiny "
         "demo model (a random denoiser for trying workflows; its VAE's latents are the picture "
         "at half size, so decoded images show what the denoiser draws)."
     )
@@ -76,7 +77,8 @@ class LoadDiffusersModel(LycorisNode):
                     [NONE, *_host.list_diffusers_folders()],
                     {
                         "default": NONE,
-                        "tooltip": "For a single file: the diffusers folder with its configs.",
+                        "tooltip": "For a single file (optional): a diffusers folder with its "
+                        "configs; without one, the file is read on its own (offline).",
                     },
                 ),
             },
@@ -88,8 +90,6 @@ class LoadDiffusersModel(LycorisNode):
             return True  # a linked input: checked when the node runs
         if model not in model_choices():
             return f"model {model!r} is not in ComfyUI's model folders; refresh the node list"
-        if model.startswith(FILE_PREFIX) and config_folder == NONE:
-            return "a single-file model needs config_folder: a diffusers folder of the same model"
         return True
 
     def run(
@@ -114,7 +114,14 @@ class LoadDiffusersModel(LycorisNode):
             from ..lycoris_core.errors import ModelLoadError
 
             raise ModelLoadError(f"{model}: not found in ComfyUI's model folders; refresh the list")
-        loaded = load_model(path, config_dir=cfg, dtype=dtype, device=device, offload=offload)
+        loaded = load_model(
+            path,
+            config_dir=cfg,
+            dtype=dtype,
+            device=device,
+            offload=offload,
+            tokenizer_dirs=_host.tokenizer_folders(),
+        )
         return (ModelHandle(loaded),)
 
 

@@ -1,0 +1,164 @@
+"""Reading a component's tensors as stored, and building modules without full-precision copies.
+
+* fp16/bf16/fp32 tensors are read as stored and cast (per tensor) to the compute dtype.
+* Plain fp8 (``float8_e4m3fn`` / ``float8_e5m2``): kept fp8 (``fp8="keep"``): the module is
+  built on the meta device, diffusers' layerwise casting hook
+  (``diffusers.hooks.layerwise_casting.apply_layerwise_casting_hook``) makes each Linear/Conv
+  layer whose weight the file stores in fp8 keep fp8 storage (its bias too) and compute in
+  the compute dtype, and each tensor is assigned as read (no copy of the fp8 weights).
+  ``fp8="upcast"`` casts each tensor to the compute dtype as it is read.
+* ComfyUI's scaled fp8 (a ``scaled_fp8`` marker under the model prefix; per layer
+  ``scale_weight``): dequantised as ``weight.float() * scale_weight`` per tensor, straight to
+  the compute dtype; ``scale_input`` (an activation scale for fp8 matmuls) is dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ModelLoadError
+from .detect import Part
+
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+_SCALE_SUFFIXES = (".scale_weight", ".scale_input")
+
+
+def is_scaled_fp8(part: Part) -> bool:
+    """ComfyUI's marker: a ``scaled_fp8`` tensor at the root of the model prefix."""
+    h = part.header
+    root = part.prefix if part.layout in ("ldm_unet", "sai_mmdit", "bfl_flux") else ""
+    return (
+        h.has(root + "scaled_fp8")
+        or h.has("scaled_fp8")
+        or any(k.endswith(".scale_weight") for k in h.with_prefix(part.prefix))
+    )
+
+
+def read_part(part: Part, dtype: torch.dtype, keep_fp8: bool) -> dict[str, torch.Tensor]:
+    """The tensors of `part` (names with the file prefix) in the dtypes to build with.
+
+    fp8 tensors stay fp8 when `keep_fp8` (and the file is not scaled fp8), everything else is
+    cast to `dtype` one tensor at a time; integer buffers and schedule tables are skipped.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    if part.header.path.suffix.lower() == ".gguf":
+        from .gguf import read_gguf_part
+
+        return read_gguf_part(part.header.path, part.prefix, dtype)
+    scaled = is_scaled_fp8(part)
+    out: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(part.header.path), framework="pt", device="cpu") as f:
+            for key in part.header.with_prefix(part.prefix):
+                if key.endswith(_SCALE_SUFFIXES) or key.endswith("scaled_fp8"):
+                    continue
+                if key.endswith("position_ids"):
+                    continue
+                t = f.get_tensor(key)
+                if not t.is_floating_point():
+                    continue
+                scale_key = (
+                    key[: -len("weight")] + "scale_weight" if key.endswith("weight") else None
+                )
+                if scaled and scale_key and part.header.has(scale_key):
+                    scale = f.get_tensor(scale_key).float()
+                    t = (t.float() * scale).to(dtype)
+                elif t.dtype in FP8 and keep_fp8 and not scaled:
+                    pass
+                elif t.dtype != dtype:
+                    t = t.to(dtype)
+                out[key] = t
+    except SafetensorError as exc:
+        raise ModelLoadError(
+            f"{part.header.path}: cannot read its tensors ({exc}); re-download it"
+        ) from None
+    return out
+
+
+def fp8_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype | None:
+    for t in tensors:
+        if t.dtype in FP8:
+            return t.dtype
+    return None
+
+
+def build(
+    factory: Callable[[], nn.Module],
+    state: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    what: str,
+) -> nn.Module:
+    """A module from `factory` (built on the meta device) with `state` assigned in place.
+
+    Linear/Conv layers whose weights `state` holds in fp8 keep fp8 storage through diffusers'
+    layerwise casting hook, computing in `dtype`; other tensors are cast to the dtype the
+    module expects for them. `state` must match the module's names exactly.
+    """
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        module = factory()
+    module.to(dtype=dtype)
+    storage = fp8_dtype(state.values())
+    if storage is not None:
+        _hook_fp8_layers(module, state, storage, dtype)
+    quantised = {k for k, v in state.items() if hasattr(v, "quant_type")}
+    if quantised:  # GGUF: diffusers' GGUFLinear for every Linear with a quantised weight
+        from diffusers.quantizers.gguf.utils import _replace_with_gguf_linear
+
+        _replace_with_gguf_linear(module, dtype, state)
+    expected = module.state_dict(keep_vars=True)
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ModelLoadError(
+            f"{what}: the file's tensors do not fit the model built from its shapes (missing "
+            f"{missing[:4]}, unexpected {extra[:4]}); the file is damaged or of an unsupported "
+            "variant"
+        )
+    cast = {
+        k: v if v.dtype == expected[k].dtype or k in quantised else v.to(expected[k].dtype)
+        for k, v in state.items()
+    }
+    for k, v in cast.items():
+        if k not in quantised and tuple(v.shape) != tuple(expected[k].shape):
+            raise ModelLoadError(
+                f"{what}: tensor {k} has shape {tuple(v.shape)}, the model expects "
+                f"{tuple(expected[k].shape)}; the file is of an unsupported variant"
+            )
+    plain = {k: v for k, v in cast.items() if k not in quantised}
+    module.load_state_dict(plain, strict=not quantised, assign=True)
+    for key in quantised:  # raw GGUF blocks: their shape is not the logical one torch checks
+        owner, _, leaf = key.rpartition(".")
+        module.get_submodule(owner)._parameters[leaf] = cast[key]
+    _materialise_meta_buffers(module, dtype)
+    return module.eval()
+
+
+def _hook_fp8_layers(
+    module: nn.Module, state: dict[str, torch.Tensor], storage: torch.dtype, dtype: torch.dtype
+) -> None:
+    """diffusers' layerwise casting hook on exactly the Linear/Conv layers the file stores in
+    fp8 (diffusers' own default also skips the adaLN Linears inside ``norm*`` modules, which
+    would upcast a quarter of a Flux file; here the file decides)."""
+    from diffusers.hooks.layerwise_casting import apply_layerwise_casting_hook
+
+    for name, sub in module.named_modules():
+        if not isinstance(sub, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            continue
+        weight = state.get(f"{name}.weight" if name else "weight")
+        if weight is not None and weight.dtype in FP8:
+            apply_layerwise_casting_hook(sub, storage, dtype, non_blocking=False)
+
+
+def _materialise_meta_buffers(module: nn.Module, dtype: Any) -> None:
+    """Non-persistent buffers left on meta (none expected with init_empty_weights' default)."""
+    for sub in module.modules():
+        for name, buf in list(sub.named_buffers(recurse=False)):
+            if buf is not None and buf.is_meta:
+                raise ModelLoadError(f"buffer {name} of {type(sub).__name__} was not initialised")
