@@ -61,9 +61,7 @@ def unet_config(shapes: Shapes) -> dict[str, Any]:
     return {
         "block_out_channels": [int(c) for c in channels],
         "layers_per_block": [len(lv) for lv in levels],
-        "down_block_types": [
-            "CrossAttnDownBlock2D" if d else "DownBlock2D" for d in down_depth
-        ],
+        "down_block_types": ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in down_depth],
         "up_block_types": ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in up_depth],
         "transformer_layers_per_block": [max(d, 1) for d in down_depth],
         "reverse_transformer_layers_per_block": [max(d, 1) for d in up_depth],

@@ -24,6 +24,7 @@ Strength 0 is never computed: the caller adds no patch (DoRA/rescaled OFT at 0 a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .algorithms import delta
+from .algorithms import delta as algo_delta
 from .errors import AdapterFormatError
 from .fused import extra_bias
 from .host_config import denoiser_config, family_of_keys
@@ -41,6 +42,8 @@ from .layouts.names import NameIndex, guess_file, text_component
 
 if TYPE_CHECKING:
     from .adapters import Adapter, LayerAdapter
+
+logger = logging.getLogger(__name__)
 
 HOST = "host"
 DENOISER_PREFIX = "diffusion_model."
@@ -57,6 +60,7 @@ class HostPatch:
     layer: LayerAdapter
     transform: str | None  # how the slice's rows relate to the layer's own (see Target)
     kind: str  # "weight" or "bias"
+    weight_shape: tuple[int, ...] = ()  # the (slice of the) module weight's shape
 
     @property
     def host_key(self) -> str | tuple[str, tuple[int, int, int]]:
@@ -67,18 +71,22 @@ class HostPatch:
     def weight_delta(self, weight: torch.Tensor, strength: float) -> torch.Tensor:
         """dW (float32, host row order) for the current `weight` (this patch's slice)."""
         ours = apply_transform(self.transform, weight.float())
-        dw, _ = delta(self.layer, ours, None, float(strength))
+        dw, _ = algo_delta(self.layer, ours, None, float(strength))
         return apply_transform(self.transform, dw.reshape(weight.shape))
 
+    def delta(self, tensor: torch.Tensor, strength: float) -> torch.Tensor:
+        """The change of `tensor` (this patch's key, or its slice) at `strength`."""
+        if self.kind == "weight":
+            return self.weight_delta(tensor, strength)
+        return self.bias_delta(tensor, strength)
+
     @torch.no_grad()
-    def bias_delta(
-        self, bias: torch.Tensor, weight_shape: Sequence[int], strength: float
-    ) -> torch.Tensor:
+    def bias_delta(self, bias: torch.Tensor, strength: float) -> torch.Tensor:
         """db (float32, host row order) for this patch's slice of the bias."""
         ours_b = apply_transform(self.transform, bias.float())
         if set(_BIAS_TENSORS) & set(self.layer.algorithm.all_suffixes):  # full, norm
-            w = torch.zeros(tuple(weight_shape), dtype=torch.float32, device=bias.device)
-            _, db = delta(self.layer, w, ours_b, float(strength))
+            w = torch.zeros(self.weight_shape, dtype=torch.float32, device=bias.device)
+            _, db = algo_delta(self.layer, w, ours_b, float(strength))
         else:
             db = None
         db = _sum(db, extra_bias(self.layer, strength, ours_b))
@@ -186,7 +194,7 @@ def plan_patches(
         plan.layouts[hit.layout] = plan.layouts.get(hit.layout, 0) + 1
     _check_overlaps(adapter, plan)
     if plan.unmatched:
-        _report(adapter, plan, strict, family)
+        _report(adapter, plan, strict, f"{family} host denoiser")
     return plan
 
 
@@ -214,15 +222,15 @@ def _layer_patches(
     layer = _conform(layer, SimpleNamespace(weight=meta))
     got = layer.algorithm.mismatch(layer, meta)
     if got is not None:
+        rows = "" if offset is None else f" rows {offset[1]}:{offset[1] + offset[2]}"
         raise AdapterFormatError(
             f"{adapter.name}: layer '{layer.name}' ({layer.algo}, {got}) does not fit "
-            f"'{weight_key}'{'' if offset is None else f' rows {offset[1]}:{offset[1] + offset[2]}'}"
-            f" (shape {shape}); the file was made for another model or size"
+            f"'{weight_key}'{rows} (shape {shape}); the file was made for another model or size"
         )
-    out = [HostPatch(weight_key, offset, layer, target.transform, "weight")]
+    out = [HostPatch(weight_key, offset, layer, target.transform, "weight", shape)]
     bias_key = weight_key.rpartition(".")[0] + ".bias"
     if bias_key in shapes and any(t in layer.tensors for t in _BIAS_TENSORS):
-        out.append(HostPatch(bias_key, offset, layer, target.transform, "bias"))
+        out.append(HostPatch(bias_key, offset, layer, target.transform, "bias", shape))
     return out
 
 
@@ -241,11 +249,11 @@ def _check_overlaps(adapter: Adapter, plan: HostPlan) -> None:
         seen.setdefault(p.key, []).append((a, b, p.layer.name))
 
 
-def _report(adapter: Adapter, plan: HostPlan, strict: bool, family: str) -> None:
+def _report(adapter: Adapter, plan: HostPlan, strict: bool, what: str) -> None:
     first = ", ".join(plan.unmatched[:5])
     msg = (
         f"{adapter.name}: {len(plan.unmatched)} of {len(plan.unmatched) + plan.matched} "
-        f"denoiser layers match no weight of this {family} host model (first: {first})"
+        f"layers match no weight of this {what} (first: {first})"
     )
     guess = guess_file(plan.unmatched)
     if guess is not None and not plan.matched:
@@ -257,9 +265,7 @@ def _report(adapter: Adapter, plan: HostPlan, strict: bool, family: str) -> None
         raise AdapterFormatError(msg + "; it matches nothing, so applying it would do nothing.")
     if strict:
         raise AdapterFormatError(msg + "; pass strict=False to apply the layers that do match.")
-    import logging
-
-    logging.getLogger(__name__).warning("%s; skipping them.", msg)
+    logger.warning("%s; skipping them.", msg)
 
 
 def patched_weights(
@@ -273,12 +279,5 @@ def patched_weights(
     for p in patches:
         w = out.setdefault(p.key, weights[p.key].float().clone())
         part = w if p.offset is None else w.narrow(*p.offset)
-        if p.kind == "weight":
-            part += p.weight_delta(part, strength)
-        else:
-            wkey = p.key.rpartition(".")[0] + ".weight"
-            wshape = weights[wkey].shape
-            if p.offset is not None:
-                wshape = (p.offset[2], *wshape[1:])
-            part += p.bias_delta(part, wshape, strength)
+        part += p.delta(part, strength)
     return out

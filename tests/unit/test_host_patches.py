@@ -41,7 +41,10 @@ def host_state(model: nn.Module, family: str) -> dict[str, torch.Tensor]:
             parts = [getattr(mods[t.path], param, None) for t in targets]
             if any(not isinstance(p, torch.Tensor) for p in parts):
                 continue
-            rows = [apply_transform(t.transform, p.detach()) for t, p in zip(targets, parts)]
+            rows = [
+                apply_transform(t.transform, p.detach())
+                for t, p in zip(targets, parts, strict=True)
+            ]
             out[f"{P}{foreign}.{param}"] = torch.cat(rows).clone()
     return out
 
@@ -54,11 +57,9 @@ def back_to_ours(model: nn.Module, family: str, host: dict) -> dict[str, torch.T
             key = f"{P}{foreign}.{param}"
             if key not in host:
                 continue
-            start = 0
             for t in targets:
                 a, b = t.rows or (0, host[key].shape[0])
                 out[f"{t.path}.{param}"] = apply_transform(t.transform, host[key][a:b])
-                start = b
     return out
 
 
@@ -105,6 +106,7 @@ def _ref(models, family, case_name, tmp_path):
 
 
 PAIRS = [(f, c) for c in ALGOS for f in ("sd15", "flux") if f in _CASES[c].families]
+PAIRS.remove(("flux", "tlora"))  # ~25 s to build; T-LoRA on Linear is covered by sd15's attention
 PAIRS += [("sdxl", c) for c in ("lora", "lokr full", "lora+dora", "ia3")]
 
 
@@ -202,9 +204,7 @@ def test_diffusers_names_on_fused_keys_use_offsets(models, tmp_path):
     host = host_state(model, "flux")
     plan = plan_patches(adapter, {k: v.shape for k, v in host.items()}, "flux")
     h = model.config.num_attention_heads * model.config.attention_head_dim
-    offsets = {
-        p.offset for p in plan.patches if p.key == f"{P}double_blocks.0.img_attn.qkv.weight"
-    }
+    offsets = {p.offset for p in plan.patches if p.key == f"{P}double_blocks.0.img_attn.qkv.weight"}
     assert offsets == {(0, 0, h), (0, h, h), (0, 2 * h, h)}
 
 
@@ -234,13 +234,11 @@ def test_deeper_unet_config_from_keys():
     )
     host = host_state(model, "sdxl")
     shapes = {k[len(P) :]: tuple(v.shape) for k, v in host.items()}
-    assert denoiser_name_map("sdxl", denoiser_config("sdxl", shapes)) == _foreign_map(
-        model, "sdxl"
-    )
+    assert denoiser_name_map("sdxl", denoiser_config("sdxl", shapes)) == _foreign_map(model, "sdxl")
 
 
 def test_a_file_for_another_family_is_a_typed_error(models, tmp_path):
-    model, adapter = _ref(models, "flux", "lora", tmp_path)
+    _, adapter = _ref(models, "flux", "lora", tmp_path)
     host = host_state(_model(models, "sd15"), "sd15")
-    with pytest.raises(AdapterFormatError, match=r"match no weight .*Flux file"):
+    with pytest.raises(AdapterFormatError, match=r"match no weight .*SD3/Flux transformer file"):
         plan_patches(adapter, {k: v.shape for k, v in host.items()}, "sd15")
