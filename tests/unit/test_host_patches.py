@@ -242,3 +242,65 @@ def test_a_file_for_another_family_is_a_typed_error(models, tmp_path):
     host = host_state(_model(models, "sd15"), "sd15")
     with pytest.raises(AdapterFormatError, match=r"match no weight .*SD3/Flux transformer file"):
         plan_patches(adapter, {k: v.shape for k, v in host.items()}, "sd15")
+
+
+# --------------------------------------------------------------------------- text encoders
+
+
+def _host_clip(family: str) -> dict[str, torch.Tensor]:
+    """A host CLIP state dict (ComfyUI's names) from the tiny pipeline's text encoders."""
+    from lycoris_core.host_text import HOST_ENCODERS
+    from lycoris_core.tiny import build_pipeline
+
+    pipe = build_pipeline(family)
+    out = {}
+    for attr, enc in HOST_ENCODERS[family].items():
+        for k, v in getattr(pipe, attr).state_dict().items():
+            k = k if k.startswith("text_model.") or enc == "t5xxl" else f"text_model.{k}"
+            out[f"{enc}.transformer.{k}"] = v.detach().clone()
+    return out
+
+
+def test_text_encoder_layers_patch_the_host_clip():
+    from lycoris_core.host_text import plan_text_patches
+
+    host = _host_clip("sdxl")
+    g = torch.Generator().manual_seed(7)
+    names = {  # file layer -> the host key it must patch
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": "clip_l.transformer."
+        "text_model.encoder.layers.0.self_attn.q_proj.weight",
+        "text_encoder.encoder.layers.1.mlp.fc1": "clip_l.transformer."
+        "text_model.encoder.layers.1.mlp.fc1.weight",
+        "lora_te2_text_model_encoder_layers_0_self_attn_out_proj": "clip_g.transformer."
+        "text_model.encoder.layers.0.self_attn.out_proj.weight",
+    }
+    sd, want = {}, {}
+    for name, key in names.items():
+        out_f, in_f = host[key].shape
+        down, up = torch.randn(3, in_f, generator=g), torch.randn(out_f, 3, generator=g)
+        sd.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up})
+        sd[f"{name}.alpha"] = torch.tensor(1.5)
+        want[key] = up @ down * (1.5 / 3)
+    sd["lycoris_down_blocks_0_resnets_0_conv1.lora_down.weight"] = torch.zeros(1, 1)  # denoiser's
+    sd["lycoris_down_blocks_0_resnets_0_conv1.lora_up.weight"] = torch.zeros(1, 1)
+    adapter = adapter_from_state_dict(sd, source="te file")
+    plan = plan_text_patches(adapter, {k: v.shape for k, v in host.items()}, "sdxl")
+    assert plan.matched == 3 and plan.elsewhere == ["lycoris_down_blocks_0_resnets_0_conv1"]
+    for s in STRENGTHS:
+        got = patched_weights(plan.patches, host, s)
+        assert set(got) == set(names.values())
+        for key, dw in want.items():
+            torch.testing.assert_close(got[key], host[key] + s * dw, rtol=1e-5, atol=1e-5)
+
+
+def test_text_layers_for_a_missing_encoder_are_a_typed_error():
+    from lycoris_core.host_text import plan_text_patches
+
+    host = _host_clip("sd15")
+    sd = {
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.ones(2, 4),
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.ones(4, 2),
+    }
+    adapter = adapter_from_state_dict(sd, source="te2 file")
+    with pytest.raises(AdapterFormatError, match="1 of 1 layers match no weight"):
+        plan_text_patches(adapter, {k: v.shape for k, v in host.items()}, "sd15")
