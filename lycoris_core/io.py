@@ -46,8 +46,10 @@ def read_safetensors(
             f"{p}: file not found" + ("" if p.exists() else "; check the path and the folder")
         )
     with open(p, "rb") as fh:
-        head = fh.read(8)
-    if head.startswith(_PICKLE_MAGIC):
+        head = fh.read(9)
+    # a safetensors file starts with its header length (8 bytes, little endian) and '{'; a
+    # length such as 0x480 starts with b"\x80\x04" like a pickle, so the '{' decides
+    if head.startswith(_PICKLE_MAGIC) and head[8:9] != b"{":
         _refuse_pickle(p)
     try:
         with safe_open(str(p), framework="pt", device="cpu") as f:
