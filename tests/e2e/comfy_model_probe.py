@@ -42,7 +42,7 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 from reference import CASES, case_config, full_rank_dylora, randomize  # noqa: E402
 
 import nodes  # noqa: E402  (ComfyUI's nodes.py)
-from lycoris_core import LycorisConfig, create_network, load_adapter  # noqa: E402
+from lycoris_core import LycorisConfig, create_network, load_adapter, patched  # noqa: E402
 
 torch.set_num_threads(2)
 STRENGTHS = (0.7, -1.0)
@@ -162,10 +162,15 @@ def main() -> None:
         for s in STRENGTHS:
             model, _ = node.run(base, None, adapter, s, s)
             got = comfy_forward(model, x, t, ctx)
+            with patched(unet, [(adapter, s)]):  # our own merge on the diffusers twin
+                ours = ref_forward()
             row = {
                 "patches": len(model.patches),
                 "node_vs_lycoris": float((got - want[s]).abs().max()),
+                "node_vs_ours": float((got - ours).abs().max()),
+                "ours_vs_lycoris": float((ours - want[s]).abs().max()),
                 "effect": float((want[s] - ref_base).abs().max()),
+                "max_abs": float(want[s].abs().max()),
             }
             if name in STOCK_EXACT:
                 (stock,) = loader.load_lora_model_only(base, path.name, s)

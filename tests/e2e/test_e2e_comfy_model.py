@@ -24,6 +24,9 @@ from PIL import Image
 from lycoris_core.client import run_workflow
 
 TOLERANCE = 1e-4  # max abs difference of UNet outputs (values of order 1)
+# against lycoris' forward: relative to the output's size (the random adapters change outputs
+# of order 1 by up to 12; fp32 sums over 69 adapted layers; DyLoRA at -1 measured 1.4e-4)
+RELATIVE = 3e-4
 API = ROOT / "example_workflows" / "api" / "checkpoint_apply_ksampler.json"
 
 
@@ -52,14 +55,18 @@ def test_node_patches_equal_lycoris_forward(comfy_env, tmp_path):
         assert entry["s0_same_model"], name  # strength 0: the input MODEL, untouched
         for strength in ("s0.7", "s-1"):
             row = entry[strength]
-            assert row["patches"] > 0 and row["effect"] > 1e-2, (name, strength, row)
-            assert row["node_vs_lycoris"] < TOLERANCE, (name, strength, row)
+            assert row["patches"] > 0 and row["effect"] > 1e-3, (name, strength, row)
+            assert row["node_vs_lycoris"] < RELATIVE * max(1.0, row["max_abs"]), (name, row)
+            assert row["node_vs_lycoris"] < row["effect"] / 100, (name, strength, row)
+            # the host patches compute what our own merge computes, on any algorithm
+            assert row["node_vs_ours"] < TOLERANCE * max(1.0, row["max_abs"]), (name, row)
             if "node_vs_stock" in row:
                 assert row["node_vs_stock"] < TOLERANCE, (name, strength, row)
             stock = f", vs stock {row['node_vs_stock']:.2e}" if "node_vs_stock" in row else ""
             lines.append(
                 f"{name} at {strength[1:]}: max |node - lycoris| = {row['node_vs_lycoris']:.2e}"
-                f"{stock} (effect {row['effect']:.3f}, {row['patches']} patches)"
+                f", vs our merge {row['node_vs_ours']:.2e}{stock} (effect {row['effect']:.3f},"
+                f" output {row['max_abs']:.2f}, {row['patches']} patches)"
             )
     print("\n" + "\n".join(lines) + f"\nbase: {report['base_max_abs_diff']:.2e}")
 
