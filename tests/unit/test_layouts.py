@@ -235,8 +235,10 @@ CASES: list[tuple[str, str, str]] = [
     ("flux", "kohya_internal", "ia3"),
     ("flux", "comfy_internal", "full"),
     ("flux", "lycoris", "ia3_input"),
+    ("flux", "kohya_internal", "tlora"),
+    ("sdxl", "lycoris", "tlora"),
 ]
-LINEAR_ONLY = {"loha", "lokr", "ia3", "ia3_input", "dora", "dora_columns"}
+LINEAR_ONLY = {"loha", "lokr", "ia3", "ia3_input", "dora", "dora_columns", "tlora"}
 
 
 @pytest.fixture(scope="module")
@@ -320,6 +322,20 @@ class Writer:
             t = {".weight": v, ".on_input": torch.tensor(int(on_input))}
             view = (1, -1) if on_input else (-1, 1)
             return t, lambda w, b, s: (w * v.view(view) * s, None)
+        if algo == "tlora":
+            # dW = (p diag(lam) q - p0 diag(lam0) q0) * alpha / r, (p0, lam0, q0) the top-r SVD
+            # of the (fused, foreign-order) base weight
+            q, p = self.rnd(r, in_dim, std=0.1), self.rnd(out_dim, r, std=0.1)
+            lam = 1 + self.rnd(1, r, std=0.3)
+            t = {".q_layer.weight": q, ".p_layer.weight": p, ".lambda_layer": lam}
+            t[".alpha"] = torch.tensor(2.0)
+
+            def tlora(w, b, s):
+                u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+                base = u[:, :r] @ torch.diag(sv[:r]) @ vh[:r]
+                return (p @ torch.diag(lam[0]) @ q - base) * (2.0 / r) * s, None
+
+            return t, tlora
         if algo == "full":
             diff = self.rnd(*shape, std=0.05)
             t = {".diff": diff}
