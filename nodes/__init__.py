@@ -13,6 +13,7 @@ from .adapter_nodes import (
 )
 from .checkpoint_nodes import LoadCheckpointLycoris
 from .dataset_nodes import DatasetFromFolder, DatasetFromImages
+from .host_nodes import ApplyLycorisComfy
 from .model_nodes import ApplyLycoris, LoadDiffusersModel, SampleLycoris, SaveMergedModel
 from .train_nodes import LossPlot, TrainLycoris
 
@@ -25,6 +26,7 @@ NODES = {
     "LycorisLoadConfig": (LoadLycorisConfig, "Load LyCORIS Config"),
     "LycorisLoad": (LoadLycoris, "Load LyCORIS"),
     "LycorisApply": (ApplyLycoris, "Apply LyCORIS"),
+    "LycorisApplyComfy": (ApplyLycorisComfy, "Apply LyCORIS (MODEL, CLIP)"),
     "LycorisSample": (SampleLycoris, "Sample (LyCORIS)"),
     "LycorisDatasetFromFolder": (DatasetFromFolder, "Dataset from Folder (LyCORIS)"),
     "LycorisDatasetFromImages": (DatasetFromImages, "Dataset from Images (LyCORIS)"),

@@ -262,7 +262,8 @@ def tokenizer_folders(choice: str | None = None) -> list[Path]:
     if IN_COMFY:  # pragma: no cover
         import comfy
 
-        found.append(Path(comfy.__file__).parent)
+        # `comfy` is a namespace package (no __init__.py): __file__ is None, __path__ is not
+        found += [Path(p) for p in comfy.__path__]
     return found + [p for p in folders("tokenizers") if p.is_dir()]
 
 
@@ -273,3 +274,63 @@ def list_tokenizer_sets() -> list[str]:
         if root.is_dir():
             names.update(p.name for p in root.iterdir() if p.is_dir())
     return sorted(names)
+
+
+# --------------------------------------------------------------------------- ComfyUI's MODEL/CLIP
+
+
+def state_shapes(patcher: Any) -> dict[str, tuple[int, ...]]:
+    """State-dict key -> shape of a ComfyUI ``MODEL`` (a ``ModelPatcher``) or ``CLIP``."""
+    patcher = getattr(patcher, "patcher", patcher)  # a CLIP holds its ModelPatcher
+    return {k: tuple(v.shape) for k, v in patcher.model_state_dict().items()}
+
+
+def _weight_adapter_base() -> type:
+    try:  # pragma: no cover - inside ComfyUI
+        from comfy.weight_adapter import WeightAdapterBase
+
+        return WeightAdapterBase
+    except ImportError:
+        return object
+
+
+class LazyPatch(_weight_adapter_base()):  # type: ignore[misc]
+    """A ComfyUI weight patch whose change is computed when ComfyUI patches the weight.
+
+    ComfyUI's ``comfy.lora.calculate_weight`` calls ``calculate_weight`` of every
+    ``WeightAdapterBase`` patch with the (float32) weight, or, for a ``(key, offset)`` patch,
+    a view of its row slice whose result it discards, so the change is added in place.
+    `patch` computes the change: anything with ``delta(tensor, strength) -> tensor``.
+    """
+
+    name = "lycoris"
+
+    def __init__(self, patch: Any) -> None:
+        self.patch = patch
+        self.loaded_keys: set[str] = set()
+        self.weights: list = []
+
+    def calculate_weight(
+        self,
+        weight: Any,
+        key: str,
+        strength: float,
+        strength_model: float,
+        offset: Any,
+        function: Callable | None,
+        intermediate_dtype: Any = None,
+        original_weight: Any = None,
+    ) -> Any:
+        change = self.patch.delta(weight, strength)
+        if function is not None:
+            change = function(change)
+        weight += change.to(device=weight.device, dtype=weight.dtype)
+        return weight
+
+
+def patched_clone(patcher: Any, patches: dict, strength: float) -> tuple[Any, set]:
+    """A clone of a ComfyUI ``MODEL`` (or ``CLIP``) carrying `patches` (ComfyUI key or
+    ``(key, offset)`` -> an object with ``delta``) at `strength`; also the keys it took."""
+    clone = patcher.clone()
+    taken = clone.add_patches({k: LazyPatch(p) for k, p in patches.items()}, strength)
+    return clone, set(taken)

@@ -19,6 +19,7 @@ from lycoris_core.client import run_workflow
 
 API = ROOT / "example_workflows" / "api"
 COVERED = {"train_apply_sample", "three_strengths", "resume_cancelled_run"}
+COVERED |= {"checkpoint_apply_ksampler"}  # in test_e2e_comfy_model.py
 
 
 def _train_events(events, node="4"):

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 SNAPSHOT = Path(__file__).with_name("interface.json")
-COMFY_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "IMAGE"}
+COMFY_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "IMAGE", "MODEL", "CLIP"}
 OUR_TYPES = {"LYCORIS_MODEL", "LYCORIS_ADAPTER", "LYCORIS_CONFIG", "LYCORIS_DATASET"}
 
 

@@ -17,7 +17,12 @@ NAMES = sorted(p.stem for p in EXAMPLES.glob("*.json"))
 
 
 def test_there_are_the_three_examples():
-    assert NAMES == ["resume_cancelled_run", "three_strengths", "train_apply_sample"]
+    assert NAMES == [
+        "checkpoint_apply_ksampler",
+        "resume_cancelled_run",
+        "three_strengths",
+        "train_apply_sample",
+    ]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -19,6 +19,42 @@ CORE_NODES: dict[str, dict[str, Any]] = {
         "inputs": {"image1": ("IMAGE", {}), "image2": ("IMAGE", {})},
         "outputs": [("IMAGE", "IMAGE")],
     },
+    # ComfyUI's stock nodes of the checkpoint example, inputs in their declaration order
+    "CheckpointLoaderSimple": {
+        "inputs": {"ckpt_name": (["tiny_sd15.safetensors"], {})},
+        "outputs": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+    },
+    "CLIPTextEncode": {
+        "inputs": {"text": ("STRING", {"multiline": True}), "clip": ("CLIP", {})},
+        "outputs": [("CONDITIONING", "CONDITIONING")],
+    },
+    "EmptyLatentImage": {
+        "inputs": {
+            "width": ("INT", {"default": 512}),
+            "height": ("INT", {"default": 512}),
+            "batch_size": ("INT", {"default": 1}),
+        },
+        "outputs": [("LATENT", "LATENT")],
+    },
+    "KSampler": {
+        "inputs": {
+            "model": ("MODEL", {}),
+            "seed": ("INT", {"default": 0, "control_after_generate": True}),
+            "steps": ("INT", {"default": 20}),
+            "cfg": ("FLOAT", {"default": 8.0}),
+            "sampler_name": (["euler"], {}),
+            "scheduler": (["normal"], {}),
+            "positive": ("CONDITIONING", {}),
+            "negative": ("CONDITIONING", {}),
+            "latent_image": ("LATENT", {}),
+            "denoise": ("FLOAT", {"default": 1.0}),
+        },
+        "outputs": [("LATENT", "LATENT")],
+    },
+    "VAEDecode": {
+        "inputs": {"samples": ("LATENT", {}), "vae": ("VAE", {})},
+        "outputs": [("IMAGE", "IMAGE")],
+    },
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 
