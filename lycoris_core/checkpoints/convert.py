@@ -5,7 +5,8 @@ the UNet, VAE, OpenCLIP and SD3 transformer, fed with our configs so nothing is 
 parts are ours because diffusers' versions do not fit: HF-layout CLIP (diffusers dispatches
 text encoders by shape and drops SD3's CLIP-L projection; here the prefix decides), T5 (its
 tied embedding) and the BFL Flux transformer (diffusers hard-codes FLUX.1's 3072 width for
-the single blocks; here every split size comes from the config).
+the single blocks; here the name map of :mod:`lycoris_core.layouts`, derived from the config,
+gives every split).
 """
 
 from __future__ import annotations
@@ -85,78 +86,23 @@ def sd3(state: Tensors, part: Part) -> Tensors:
     return convert_sd3_transformer_checkpoint_to_diffusers(_strip(state, part.prefix))
 
 
-def _swap_halves(t: torch.Tensor) -> torch.Tensor:
-    """BFL's final adaLN is (shift, scale); diffusers' AdaLayerNormContinuous is (scale, shift)."""
-    shift, scale = t.chunk(2, dim=0)
-    return torch.cat([scale, shift], dim=0)
-
-
-_FLUX_DIRECT = {
-    "img_in": "x_embedder",
-    "txt_in": "context_embedder",
-    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
-    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
-    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
-    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
-    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
-    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
-    "final_layer.linear": "proj_out",
-}
-_FLUX_DOUBLE = {
-    "img_mod.lin": "norm1.linear",
-    "txt_mod.lin": "norm1_context.linear",
-    "img_attn.proj": "attn.to_out.0",
-    "txt_attn.proj": "attn.to_add_out",
-    "img_mlp.0": "ff.net.0.proj",
-    "img_mlp.2": "ff.net.2",
-    "txt_mlp.0": "ff_context.net.0.proj",
-    "txt_mlp.2": "ff_context.net.2",
-}
-_FLUX_NORMS = {
-    "img_attn.norm.query_norm.scale": "attn.norm_q.weight",
-    "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
-    "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
-    "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
-}
+_LEAF = {"scale": "weight"}  # BFL's RMSNorms hold ``scale`` where diffusers' hold ``weight``
 
 
 def flux(state: Tensors, part: Part, config: dict[str, Any]) -> Tensors:
-    """BFL Flux names -> ``FluxTransformer2DModel`` names; split sizes from `config`."""
-    body = _strip(state, part.prefix)
-    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    """BFL Flux names -> ``FluxTransformer2DModel`` names, by the layouts' name map.
+
+    :func:`lycoris_core.layouts.denoiser_name_map` maps modules (row splits from `config`);
+    each parameter of a module (weight, bias, norm scale) takes its module's rows and
+    transform. Tensors outside the map are left out.
+    """
+    from ..layouts import apply_transform, denoiser_name_map
+
+    names = denoiser_name_map("flux", config)
     out: Tensors = {}
-    for src, dst in _FLUX_DIRECT.items():
-        for leaf in ("weight", "bias"):
-            if f"{src}.{leaf}" in body:
-                out[f"{dst}.{leaf}"] = body[f"{src}.{leaf}"]
-    for leaf in ("weight", "bias"):
-        out[f"norm_out.linear.{leaf}"] = _swap_halves(
-            body[f"final_layer.adaLN_modulation.1.{leaf}"]
-        )
-    for i in range(config["num_layers"]):
-        s, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
-        for src, dst in _FLUX_DOUBLE.items():
-            for leaf in ("weight", "bias"):
-                out[f"{d}{dst}.{leaf}"] = body[f"{s}{src}.{leaf}"]
-        for src, dst in _FLUX_NORMS.items():
-            out[d + dst] = body[s + src]
-        for stream, names in (
-            ("img", ("to_q", "to_k", "to_v")),
-            ("txt", ("add_q_proj", "add_k_proj", "add_v_proj")),
-        ):
-            for leaf in ("weight", "bias"):
-                fused = body[f"{s}{stream}_attn.qkv.{leaf}"]
-                for j, name in enumerate(names):
-                    out[f"{d}attn.{name}.{leaf}"] = fused[j * hidden : (j + 1) * hidden]
-    for i in range(config["num_single_layers"]):
-        s, d = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
-        for leaf in ("weight", "bias"):
-            out[f"{d}norm.linear.{leaf}"] = body[f"{s}modulation.lin.{leaf}"]
-            out[f"{d}proj_out.{leaf}"] = body[f"{s}linear2.{leaf}"]
-            fused = body[f"{s}linear1.{leaf}"]
-            for j, name in enumerate(("to_q", "to_k", "to_v")):
-                out[f"{d}attn.{name}.{leaf}"] = fused[j * hidden : (j + 1) * hidden]
-            out[f"{d}proj_mlp.{leaf}"] = fused[3 * hidden :]
-        out[f"{d}attn.norm_q.weight"] = body[f"{s}norm.query_norm.scale"]
-        out[f"{d}attn.norm_k.weight"] = body[f"{s}norm.key_norm.scale"]
+    for key, tensor in _strip(state, part.prefix).items():
+        module, _, leaf = key.rpartition(".")
+        for t in names.get(module, ()):
+            rows = tensor if t.rows is None else tensor[t.rows[0] : t.rows[1]]
+            out[f"{t.path}.{_LEAF.get(leaf, leaf)}"] = apply_transform(t.transform, rows)
     return out

@@ -62,7 +62,9 @@ def apply_transform(transform: str | None, t: torch.Tensor) -> torch.Tensor:
         import torch
 
         half = t.shape[0] // 2
-        return torch.cat((t[half:], t[:half]))
+        # a list, not a tuple: diffusers' GGUFParameter keeps its quant_type through
+        # torch.cat only for a list argument (GGUFParameter._extract_quant_type)
+        return torch.cat([t[half:], t[:half]])
     raise ValueError(f"unknown transform {transform!r}; known: {TRANSFORMS}")
 
 
