@@ -286,3 +286,22 @@ def test_kohya_needs_the_model_and_a_known_layout(tmp_path):
     t1, _ = read_safetensors(first)
     t2, _ = read_safetensors(again)
     assert t1.keys() == t2.keys() and all(torch.equal(t1[k], t2[k]) for k in t1)
+
+
+def test_cli_convert(tmp_path, capsys):
+    from lycoris_core.__main__ import main
+    from lycoris_core.tiny import make_tiny
+
+    base = make_tiny("flux", tmp_path / "tiny-flux")
+    model = denoiser("flux")  # the same seed: the same weights as the folder's
+    _file(model, "flux", "lora", tmp_path / "a.safetensors")
+    out = tmp_path / "k.safetensors"
+    assert main(["convert", str(tmp_path / "a.safetensors"), str(out), "--layout", "kohya"]) == 2
+    assert "needs the model" in capsys.readouterr().err and not out.exists()
+    args = ["convert", str(tmp_path / "a.safetensors"), str(out), "--layout", "kohya"]
+    assert main([*args, "--base", str(base)]) == 0
+    names = set(load_adapter(out).layers)
+    assert "lora_unet_single_blocks_0_linear1" in names
+    original = load_adapter(tmp_path / "a.safetensors")
+    want, got = _merged(model, original, 1.0), _merged(model, load_adapter(out), 1.0)
+    assert max((want[k] - got[k]).abs().max().item() for k in want) < TOL
