@@ -47,7 +47,7 @@ ALGOS = {
 # names the kohya files must use (the published kohya/BFL/SAI names)
 KOHYA_NAMES = {
     "sd15": ["lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"],
-    "sdxl": ["lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k"],
+    "sdxl": ["lora_unet_input_blocks_3_1_transformer_blocks_1_attn2_to_k"],
     "sd3": ["lora_unet_joint_blocks_0_x_block_attn_proj"],
     "flux": ["lora_unet_double_blocks_0_img_attn_proj", "lora_unet_single_blocks_1_linear2"],
 }
