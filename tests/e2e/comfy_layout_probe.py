@@ -14,8 +14,9 @@ by ComfyUI itself (``load_diffusion_model_state_dict``).
 
 For each LORA the stock ``LoraLoader`` node patches the model at strengths 1 and 0.5; the
 patched ComfyUI weights are compared with the diffusers twin patched by ``lycoris_core`` with
-REFERENCE (the file our Train node wrote), renamed by the same ComfyUI map, and for the UNets
-the outputs too. Every log record is kept ("lora key not loaded"). Prints one JSON line.
+REFERENCE (the file our Train node wrote), renamed by the same ComfyUI map, and so are the
+outputs of ComfyUI's diffusion model and the twin on the same inputs. Every log record is
+kept ("lora key not loaded"). Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -185,36 +186,78 @@ def patched_weights(patcher) -> dict:
         patcher.unpatch_model()
 
 
-# ----------------------------------------------------------------------------- UNet outputs
-def unet_inputs(ref):
+# ----------------------------------------------------------------------------- outputs
+def make_inputs(ref) -> dict:
+    """The same inputs for both models: the diffusers call and ComfyUI's diffusion_model call."""
     g = torch.Generator().manual_seed(0)
     cfg = ref.config
-    x = torch.randn(1, cfg.in_channels, 16, 16, generator=g)
-    ctx = torch.randn(1, 7, cfg.cross_attention_dim, generator=g)
-    t = torch.tensor([500.0])
-    added, y = None, None
-    if cfg.addition_embed_type == "text_time":
-        n = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        text, ids = torch.randn(1, n, generator=g), torch.randn(1, 6, generator=g) * 100
-        added = {"text_embeds": text, "time_ids": ids}
-        with torch.no_grad():  # what diffusers feeds add_embedding = ComfyUI's `y`
-            y = torch.cat([text, ref.add_time_proj(ids.flatten()).reshape(1, -1)], dim=-1)
-    return x, t, ctx, added, y
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g)
+
+    if FAMILY in ("sd15", "sdxl"):
+        x, ctx, t = rnd(1, cfg.in_channels, 16, 16), rnd(1, 7, cfg.cross_attention_dim), 500.0
+        ours = {"sample": x, "timestep": torch.tensor([t]), "encoder_hidden_states": ctx}
+        theirs = {"x": x, "timesteps": torch.tensor([t]), "context": ctx}
+        if cfg.addition_embed_type == "text_time":
+            n = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            text, ids = rnd(1, n), rnd(1, 6) * 100
+            ours["added_cond_kwargs"] = {"text_embeds": text, "time_ids": ids}
+            with torch.no_grad():  # what diffusers feeds add_embedding = ComfyUI's `y`
+                emb = ref.add_time_proj(ids.flatten()).reshape(1, -1)
+            theirs["y"] = torch.cat([text, emb], dim=-1)
+        return {"ours": ours, "theirs": theirs}
+    if FAMILY == "sd3":
+        x, ctx, y = rnd(1, cfg.in_channels, 8, 8), rnd(1, 5, cfg.joint_attention_dim), None
+        y = rnd(1, cfg.pooled_projection_dim)
+        t = torch.tensor([500.0])
+        ours = {"hidden_states": x, "encoder_hidden_states": ctx, "pooled_projections": y}
+        return {
+            "ours": {**ours, "timestep": t},
+            "theirs": {"x": x, "timesteps": t, "context": ctx, "y": y},
+        }
+    # Flux: ComfyUI packs 2x2 patches itself and numbers them (row, column) as diffusers does
+    c, h, w = cfg.in_channels // 4, 8, 8
+    x, ctx, y = (
+        rnd(1, c, h, w),
+        rnd(1, 5, cfg.joint_attention_dim),
+        rnd(1, cfg.pooled_projection_dim),
+    )
+    t, guidance = torch.tensor([0.6]), torch.tensor([3.5])
+    packed = x.view(1, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, -1, c * 4)
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] += torch.arange(h // 2)[:, None]
+    ids[..., 2] += torch.arange(w // 2)[None, :]
+    ours = {
+        "hidden_states": packed,
+        "encoder_hidden_states": ctx,
+        "pooled_projections": y,
+        "timestep": t,
+        "img_ids": ids.reshape(-1, 3),
+        "txt_ids": torch.zeros(5, 3),
+        "guidance": guidance if cfg.guidance_embeds else None,
+    }
+    theirs = {"x": x, "timestep": t, "context": ctx, "y": y, "guidance": guidance}
+    return {"ours": ours, "theirs": theirs, "unpack": (c, h, w)}
 
 
-def unet_outputs(ref, patcher, inputs, adapter=None, strength=1.0):
-    x, t, ctx, added, y = inputs
+def outputs(ref, patcher, inputs, adapter=None, strength=1.0) -> torch.Tensor:
     with torch.no_grad():
-        if patcher is None:
-            if adapter is None:
-                return ref(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
+        if patcher is not None:
+            patcher.patch_model()
+            try:
+                return patcher.model.diffusion_model(**inputs["theirs"]).float()
+            finally:
+                patcher.unpatch_model()
+        if adapter is None:
+            out = ref(**inputs["ours"])[0]
+        else:
             with patched(ref, [(adapter, strength)], mode="merge"):
-                return ref(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
-        patcher.patch_model()
-        try:
-            return patcher.model.diffusion_model(x, timesteps=t, context=ctx, y=y).float()
-        finally:
-            patcher.unpatch_model()
+                out = ref(**inputs["ours"])[0]
+        if "unpack" in inputs:
+            c, h, w = inputs["unpack"]
+            out = out.view(1, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(1, c, h, w)
+        return out.float()
 
 
 # ----------------------------------------------------------------------------- main
@@ -236,12 +279,10 @@ def main() -> None:
         "base_weights_max_abs_diff": max_diff(ldm, {k: base_weights[k] for k in ldm}),
         "files": {},
     }
-    unet = FAMILY in ("sd15", "sdxl")
-    if unet:
-        inputs = unet_inputs(ref)
-        report["base_max_abs_diff"] = float(
-            (unet_outputs(ref, None, inputs) - unet_outputs(ref, base, inputs)).abs().max()
-        )
+    inputs = make_inputs(ref)
+    ref_base = outputs(ref, None, inputs)
+    report["base_max_abs_diff"] = float((ref_base - outputs(ref, base, inputs)).abs().max())
+    report["base_max_abs"] = float(ref_base.abs().max())
     reference = load_adapter(REFERENCE)
     loader = nodes.LoraLoader()
     for path in map(Path, LORAS):
@@ -268,11 +309,9 @@ def main() -> None:
                 "weights_effect": max_diff(want, ldm),
                 "changed_weights": sum(not torch.equal(got[k], base_weights[k]) for k in got),
             }
-            if unet:
-                w = unet_outputs(ref, None, inputs, reference, strength)
-                g = unet_outputs(ref, patcher, inputs)
-                result["max_abs_diff"] = float((w - g).abs().max())
-                result["effect_max_abs"] = float((w - unet_outputs(ref, None, inputs)).abs().max())
+            w = outputs(ref, None, inputs, reference, strength)
+            result["max_abs_diff"] = float((w - outputs(ref, patcher, inputs)).abs().max())
+            result["effect_max_abs"] = float((w - ref_base).abs().max())
             entry[f"s{strength:g}"] = result
         entry["log"] = RECORDS.lines[start:]
         report["files"][path.name] = entry
