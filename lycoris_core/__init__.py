@@ -3,7 +3,7 @@
 This package never imports ComfyUI. Public API (documented in the README)::
 
     from lycoris_core import (
-        LycorisConfig, load_adapter, patched, coverage, create_network,
+        LycorisConfig, load_adapter, patched, patched_pipeline, coverage, create_network,
         LycorisError, ConfigError, AdapterFormatError, IncompatibleModelError,
     )
 
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .config import LycorisConfig
     from .errors import AdapterFormatError, ConfigError, IncompatibleModelError, LycorisError
     from .patching import Patch, patched
+    from .pipeline_patch import PipelinePatch, patched_pipeline
     from .targeting import Coverage, coverage, create_network
 
 # public name -> the submodule that defines it
@@ -36,6 +37,8 @@ _EXPORTS = {
     "LycorisError": "errors",
     "Patch": "patching",
     "patched": "patching",
+    "PipelinePatch": "pipeline_patch",
+    "patched_pipeline": "pipeline_patch",
     "Coverage": "targeting",
     "coverage": "targeting",
     "create_network": "targeting",
@@ -51,11 +54,13 @@ __all__ = [
     "LycorisConfig",
     "LycorisError",
     "Patch",
+    "PipelinePatch",
     "adapter_from_state_dict",
     "coverage",
     "create_network",
     "load_adapter",
     "patched",
+    "patched_pipeline",
 ]
 
 __version__ = "0.1.0"

@@ -148,7 +148,7 @@ class Adapter:
         )
 
     # ------------------------------------------------------------------ binding
-    def bind_targets(
+    def bind(
         self,
         module: nn.Module,
         strict: bool | None = True,
@@ -157,21 +157,25 @@ class Adapter:
         family: str | None = None,
         elsewhere: Collection[str] = (),
     ) -> Binding:
-        """Bind the file's layers of `component` to `module` (see :func:`binding.bind_component`):
-        per layer its targets (several for a fused layer), the layout detected, what matched
-        nothing. Unmatched layers raise :class:`AdapterFormatError` (counts, layout, fix), or
-        with ``strict=False`` are skipped with one summarised warning; ``strict=None`` only
-        reports (``Binding.problem``)."""
+        """Bind the file's layers of `component` to `module` (:func:`binding.bind_component`).
+
+        The result maps module path -> the layer adapting it (a fused layer under each of its
+        modules); ``.targets`` gives per file layer its targets with row slices, ``.layout``
+        the layout detected. Unmatched layers raise :class:`AdapterFormatError` (counts,
+        layout, fix), or with ``strict=False`` are skipped with one summarised warning;
+        ``strict=None`` only reports (``Binding.problem``).
+        """
         from .binding import bind_component
 
         return bind_component(
             self, module, component=component, family=family, strict=strict, elsewhere=elsewhere
         )
 
-    def bind(self, module: nn.Module, strict: bool = True) -> dict[str, LayerAdapter]:
-        """Module path -> the layer adapting it (a fused layer appears under each of its
-        modules); :meth:`bind_targets` tells the row slices."""
-        return self.bind_targets(module, strict=strict).paths()
+    def has_text_layers(self, family: str | None = None) -> bool:
+        """Whether some layer names a text encoder (``lora_te*_``, ``text_encoder*.``, ...)."""
+        from .layouts.names import text_component
+
+        return any(text_component(name, family) is not None for name in self.layers)
 
 
 # --------------------------------------------------------------------------- parsing

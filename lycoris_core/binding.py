@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -40,8 +40,11 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class Binding:
-    """Which file layers go where in one component, and what the file looked like."""
+class Binding(Mapping):
+    """Which file layers go where in one component, and what the file looked like.
+
+    As a mapping: module path -> the layer adapting it (fused layers under each path).
+    """
 
     component: str
     model: str  # "an SDXL UNet", ...
@@ -61,6 +64,15 @@ class Binding:
         """Module path -> the layer adapting it (fused layers appear under each path)."""
         return {t.path: self.layers[n] for n, ts in self.targets.items() for t in ts}
 
+    def __getitem__(self, path: str) -> LayerAdapter:
+        return self.paths()[path]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.paths())
+
+    def __len__(self) -> int:
+        return sum(len(ts) for ts in self.targets.values())
+
 
 def component_index(module: nn.Module, component: str, family: str | None) -> NameIndex:
     """The names `module` answers to (its diffusers paths, and its family's foreign names
@@ -70,7 +82,25 @@ def component_index(module: nn.Module, component: str, family: str | None) -> Na
         if cfg is not None:
             foreign = denoiser_name_map(family, dict(cfg))
             return module_index(module, component, foreign, foreign_naming(family))
-    return module_index(module, component)
+        return module_index(module, component)
+    return module_index(module, component, text_model_aliases(module, component), "diffusers")
+
+
+def text_model_aliases(module: nn.Module, component: str) -> dict[str, tuple[Target, ...]]:
+    """CLIP paths with and without the ``text_model.`` level: transformers 5's
+    ``CLIPTextModel`` lacks it while files (and ``CLIPTextModelWithProjection``) have it."""
+    if not type(module).__name__.startswith("CLIP"):
+        return {}
+    has_level = isinstance(getattr(module, "text_model", None), nn.Module)
+    out = {}
+    for path, _ in module.named_modules():
+        if not path:
+            continue
+        if has_level and path.startswith("text_model."):
+            out[path[len("text_model.") :]] = (Target(component, path),)
+        elif not has_level:
+            out["text_model." + path] = (Target(component, path),)
+    return out
 
 
 def bind_component(
@@ -107,6 +137,8 @@ def bind_component(
             if text is None or text[0] != component:
                 continue  # the denoiser's, or another encoder's: not ours
             hit = _lookup(adapter, index, text[1], ("",), name)
+            if hit is not None:
+                hit.prefix = name[: len(name) - len(text[1])]
         else:
             hit = _lookup(adapter, index, name, adapter.prefixes, name)
         if hit is None:
@@ -156,7 +188,12 @@ def _report_unmatched(
     elif out.layout is not None:
         msg += f". Layout detected: {out.layout} ({len(out.targets)} layers matched)"
     else:
-        msg += ". The file was probably made for another model or architecture"
+        msg += (
+            ". Their names follow no layout this model answers to (its diffusers paths, "
+            "dotted or with a lycoris_/lora_unet_/lora_transformer_ prefix, or its own "
+            f"{'ldm/BFL/SAI' if out.component == DENOISER else 'module'} names): the file was "
+            "probably made for another model or architecture"
+        )
     if text_layers:
         msg += (
             f"; {text_layers} of them are text-encoder layers, which apply to a pipeline's "

@@ -22,12 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import Adapter
 from .device import enable_tf32, place_pipeline, resolve_device, resolve_dtype
 from .errors import ModelLoadError
 from .families import FAMILIES, Family, detect_family, family_for_pipeline_class
 from .io import PICKLE_SUFFIXES, atomic_folder
-from .patching import Patch, patch_key, patched
+from .pipeline_patch import Entry, PipelinePatch, patched_pipeline, pipeline_patch_key, split_entry
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +116,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     offload: str = "none"
-    _patch: Patch | None = field(default=None, repr=False)
+    _patch: PipelinePatch | None = field(default=None, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @property
@@ -143,30 +142,37 @@ class LoadedModel:
         return max(m, size // m * m)
 
     @property
-    def active_patch(self) -> Patch | None:
+    def active_patch(self) -> PipelinePatch | None:
         return self._patch
 
-    def use_adapters(
-        self, adapters: Sequence[tuple[Adapter, float]], mode: str = "merge"
-    ) -> Patch | None:
-        """Make the denoiser carry exactly `adapters` (at their strengths) in `mode`.
+    def use_adapters(self, adapters: Sequence[Entry], mode: str = "merge") -> PipelinePatch | None:
+        """Make the pipeline carry exactly `adapters` (at their strengths) in `mode`.
 
-        The last set stays applied: calling again with the same adapter contents (also newly
-        loaded copies of the same file), strengths and mode does nothing, not even binding; a
-        different set restores the base first. Returns the active patch.
+        Entries are ``(adapter, strength)`` or ``(adapter, strength, text_strength)``: the
+        denoiser layers apply at the strength, the text-encoder layers at the text strength
+        (default: the strength). The last set stays applied: calling again with the same
+        adapter contents (also newly loaded copies of the same file), strengths and mode does
+        nothing, not even binding; a different set restores the base first. Returns the
+        active patch.
         """
         with self._lock:
-            wanted = [(a, s) for a, s in adapters if s != 0.0]
+            wanted = [e for e in adapters if any(s != 0.0 for s in split_entry(e)[1:])]
             if not wanted:
                 self.restore_base()
                 return None
-            if self._patch is not None and self._patch.key == patch_key(wanted, mode):
+            if self._patch is not None and self._patch.key == pipeline_patch_key(wanted, mode):
                 return self._patch  # the same contents, strengths and mode: nothing to bind
-            candidate = Patch(self.denoiser, wanted, mode=mode)
+            candidate = PipelinePatch(self.pipe, wanted, mode=mode, family=self.family.name)
             self.restore_base()
             candidate.apply()
             self._patch = candidate
             return candidate
+
+    @property
+    def prompt_key(self) -> tuple[tuple[str, float], ...]:
+        """What the text encoders carry now (:attr:`PipelinePatch.text_key`); a cache of prompt
+        embeddings must include it in its keys. Empty for the base encoders."""
+        return () if self._patch is None else self._patch.text_key
 
     def restore_base(self) -> None:
         """Undo the active patch, if any: the denoiser's weights are the base ones again."""
@@ -366,16 +372,18 @@ def load_model(
 
 def save_merged(
     model: LoadedModel,
-    adapters: Sequence[tuple[Adapter, float]],
+    adapters: Sequence[Entry],
     out_dir: str | os.PathLike[str],
 ) -> Path:
-    """Save the pipeline with `adapters` baked in (``save_pretrained``), atomically.
+    """Save the pipeline with `adapters` baked in (``save_pretrained``), atomically; text-
+    encoder layers are merged into the text encoders.
 
     The base model is unchanged afterwards. `out_dir` must be new or empty.
     """
     with model._lock:
         model.restore_base()
-        with patched(model.denoiser, adapters, mode="merge"), atomic_folder(out_dir) as staging:
+        merged = patched_pipeline(model.pipe, adapters, mode="merge")
+        with merged, atomic_folder(out_dir) as staging:
             model.pipe.save_pretrained(staging, safe_serialization=True)
     logger.info("saved merged pipeline to %s", out_dir)
     return Path(out_dir)

@@ -98,7 +98,7 @@ class Patch:
         for adapter, s in self._adapters:
             if s == 0.0:
                 continue
-            binding = adapter.bind_targets(
+            binding = adapter.bind(
                 module, strict=strict, component=component, family=family, elsewhere=elsewhere
             )
             self.bindings.append(binding)

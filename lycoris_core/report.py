@@ -28,8 +28,9 @@ def describe_layer(layer: LayerAdapter) -> dict[str, Any]:
     return info
 
 
-def describe(adapter: Adapter, module: nn.Module | None = None) -> dict[str, Any]:
-    """A JSON-friendly description; with `module`, which layers match and which do not."""
+def describe(adapter: Adapter, module: Any = None) -> dict[str, Any]:
+    """A JSON-friendly description; with `module` (a denoiser, or a whole pipeline: then its
+    text encoders too), per component the layout detected and which layers match."""
     out: dict[str, Any] = {
         "file": adapter.path,
         "fingerprint": adapter.fingerprint,
@@ -49,30 +50,50 @@ def describe(adapter: Adapter, module: nn.Module | None = None) -> dict[str, Any
     return out
 
 
-def _describe_binding(out: dict[str, Any], adapter: Adapter, module: nn.Module) -> None:
+def _components(model: Any) -> tuple[dict[str, nn.Module], str | None]:
+    """(component -> module, family) of a denoiser module or of a whole pipeline."""
+    if isinstance(model, nn.Module):
+        return {"denoiser": model}, None
+    from .families import detect_family
+    from .pipeline_patch import text_encoders
+
+    family = detect_family(model)
+    return {"denoiser": getattr(model, family.denoiser), **text_encoders(model)}, family.name
+
+
+def _describe_binding(out: dict[str, Any], adapter: Adapter, model: Any) -> None:
     """Per component: the layout detected, matched and unmatched layers, what is wrong."""
-    try:
-        binding = adapter.bind_targets(module, strict=None)
-    except AdapterFormatError as exc:  # e.g. a layer that does not fit its module
-        out["bind_error"] = str(exc)
-        out["matched"], out["unmatched"] = {}, sorted(adapter.layers)
-        out["components"] = {"denoiser": {"error": str(exc)}}
-        return
-    matched = {name: " + ".join(str(t) for t in ts) for name, ts in binding.targets.items()}
-    out["matched"] = matched
-    out["unmatched"] = sorted(binding.unmatched)
-    entry: dict[str, Any] = {
-        "model": binding.model,
-        "layout": binding.layout,
-        "layouts": binding.layouts,
-        "matched": len(binding.targets),
-        "unmatched": sorted(binding.unmatched),
-    }
-    if binding.problem:
-        entry["error" if not binding.targets else "warning"] = binding.problem
-        if not binding.targets:
-            out["bind_error"] = binding.problem
-    out["components"] = {binding.component: entry}
+    components, family = _components(model)
+    elsewhere = tuple(c for c in components if c != "denoiser")
+    out["matched"], out["components"] = {}, {}
+    unmatched: set[str] = set()
+    for component, module in components.items():
+        try:
+            binding = adapter.bind(
+                module, strict=None, component=component, family=family, elsewhere=elsewhere
+            )
+        except AdapterFormatError as exc:  # e.g. a layer that does not fit its module
+            out["components"][component] = {"error": str(exc)}
+            out.setdefault("bind_error", str(exc))
+            continue
+        if component != "denoiser" and not (binding.targets or binding.unmatched):
+            continue  # the file has nothing for this text encoder
+        for name, ts in binding.targets.items():
+            out["matched"][name] = " + ".join(str(t) for t in ts)
+        unmatched.update(binding.unmatched)
+        entry: dict[str, Any] = {
+            "model": binding.model,
+            "layout": binding.layout,
+            "layouts": binding.layouts,
+            "matched": len(binding.targets),
+            "unmatched": sorted(binding.unmatched),
+        }
+        if binding.problem:
+            entry["error" if not binding.targets else "warning"] = binding.problem
+            if not binding.targets:
+                out.setdefault("bind_error", binding.problem)
+        out["components"][component] = entry
+    out["unmatched"] = sorted(unmatched - set(out["matched"]))
 
 
 def format_report(info: dict[str, Any]) -> str:

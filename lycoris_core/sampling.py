@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from .adapters import Adapter
 from .device import module_bytes, oom_advice
 from .errors import LycorisError
 from .models import LoadedModel
+from .pipeline_patch import Entry
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def check_size(model: LoadedModel, width: int, height: int) -> None:
 
 def sample(
     model: LoadedModel,
-    adapters: Sequence[tuple[Adapter, float]] = (),
+    adapters: Sequence[Entry] = (),
     mode: str = "merge",
     prompt: str = "",
     negative_prompt: str = "",
@@ -131,7 +131,7 @@ def sample(
             "model between steps); use offload 'model' or 'none'"
         )
 
-    adapter_bytes = sum(a.num_params() * 4 for a, _ in adapters)
+    adapter_bytes = sum(entry[0].num_params() * 4 for entry in adapters)
     with oom_advice(
         f"sampling {batch_size}x{width}x{height}",
         model_bytes=module_bytes(model.denoiser),

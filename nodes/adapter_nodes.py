@@ -374,5 +374,5 @@ class InspectLycoris(LycorisNode):
         }
 
     def run(self, adapter: Any, model: ModelHandle | None = None) -> dict[str, Any]:
-        report = format_report(describe(adapter, model.model.denoiser if model else None))
+        report = format_report(describe(adapter, model.model.pipe if model else None))
         return {"ui": {"text": [report]}, "result": (report,)}

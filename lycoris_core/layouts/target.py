@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the maps themselves need no torch (families.py imports them)
+    import torch
 
 TRANSFORMS: tuple[str, ...] = ("swap_halves",)
 """Row transforms between a foreign weight and ours; each one is its own inverse."""
@@ -57,6 +59,8 @@ def apply_transform(transform: str | None, t: torch.Tensor) -> torch.Tensor:
     if transform == "swap_halves":
         if t.shape[0] % 2:
             raise ValueError(f"swap_halves needs an even number of rows, got {t.shape[0]}")
+        import torch
+
         half = t.shape[0] // 2
         return torch.cat((t[half:], t[:half]))
     raise ValueError(f"unknown transform {transform!r}; known: {TRANSFORMS}")

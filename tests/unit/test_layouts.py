@@ -128,8 +128,10 @@ SPECS: dict[str, list[Spec]] = {
             False,
         ),
         (
-            tuple(f"single_transformer_blocks.0.attn.to_{c}" for c in "qkv")
-            + ("single_transformer_blocks.0.proj_mlp",),
+            (
+                *(f"single_transformer_blocks.0.attn.to_{c}" for c in "qkv"),
+                "single_transformer_blocks.0.proj_mlp",
+            ),
             "single_blocks.0.linear1",
             False,
         ),
@@ -233,8 +235,10 @@ CASES: list[tuple[str, str, str]] = [
     ("flux", "kohya_internal", "ia3"),
     ("flux", "comfy_internal", "full"),
     ("flux", "lycoris", "ia3_input"),
+    ("flux", "kohya_internal", "tlora"),
+    ("sdxl", "lycoris", "tlora"),
 ]
-LINEAR_ONLY = {"loha", "lokr", "ia3", "ia3_input", "dora", "dora_columns"}
+LINEAR_ONLY = {"loha", "lokr", "ia3", "ia3_input", "dora", "dora_columns", "tlora"}
 
 
 @pytest.fixture(scope="module")
@@ -318,6 +322,20 @@ class Writer:
             t = {".weight": v, ".on_input": torch.tensor(int(on_input))}
             view = (1, -1) if on_input else (-1, 1)
             return t, lambda w, b, s: (w * v.view(view) * s, None)
+        if algo == "tlora":
+            # dW = (p diag(lam) q - p0 diag(lam0) q0) * alpha / r, (p0, lam0, q0) the top-r SVD
+            # of the (fused, foreign-order) base weight
+            q, p = self.rnd(r, in_dim, std=0.1), self.rnd(out_dim, r, std=0.1)
+            lam = 1 + self.rnd(1, r, std=0.3)
+            t = {".q_layer.weight": q, ".p_layer.weight": p, ".lambda_layer": lam}
+            t[".alpha"] = torch.tensor(2.0)
+
+            def tlora(w, b, s):
+                u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+                base = u[:, :r] @ torch.diag(sv[:r]) @ vh[:r]
+                return (p @ torch.diag(lam[0]) @ q - base) * (2.0 / r) * s, None
+
+            return t, tlora
         if algo == "full":
             diff = self.rnd(*shape, std=0.05)
             t = {".diff": diff}
@@ -563,3 +581,43 @@ def test_keys_with_two_spellings_of_one_tensor_are_refused():
     }
     with pytest.raises(AdapterFormatError, match=r"'lora_down.weight' tensor twice"):
         adapter_from_state_dict(sd)
+
+
+def test_names_of_no_known_layout(models, tmp_path):
+    path = tmp_path / "odd.safetensors"
+    save_file(
+        {
+            "my_net_block_3.lora_down.weight": torch.ones(2, 4),
+            "my_net_block_3.lora_up.weight": torch.ones(4, 2),
+        },
+        str(path),
+    )
+    with pytest.raises(AdapterFormatError) as err:
+        with patched(models["sd3"], [(load_adapter(path), 1.0)], strict=False):
+            pass
+    msg = str(err.value)
+    assert "1 of 1 layers match no module" in msg and "follow no layout" in msg
+    assert "matches 0 modules" in msg
+
+
+def test_stacked_fused_and_plain_files_each_relative_to_the_base(models, tmp_path):
+    """A BFL DoRA file (weight-dependent, fused) and a diffusers-named LoRA on the same
+    modules: each contributes its change computed from the base weights."""
+    model = models["flux"]
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    ea = build_file(model, "flux", LAYOUTS["comfy_internal"], "dora", a, seed=1)
+    eb = build_file(model, "flux", LAYOUTS["peft_transformer"], "lora", b, seed=2)
+    shared = set(ea) & set(eb)
+    assert len(shared) >= 5
+    before = state(model)
+    g = torch.Generator().manual_seed(9)
+    for mode in ("merge", "dynamic"):
+        with patched(model, [(load_adapter(a), 0.7), (load_adapter(b), -1.0)], mode=mode):
+            for p in sorted(shared):
+                m = model.get_submodule(p)
+                x = _module_input(m, g)
+                w0 = before[f"{p}.weight"]
+                dw = ea[p](0.7)[0] + eb[p](-1.0)[0]
+                want = _reference_forward(m, x, w0 + dw, before.get(f"{p}.bias"))
+                assert _err(m(x), want) < TOL, f"{mode} {p}"
+        assert same_state(model, before)

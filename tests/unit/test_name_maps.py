@@ -130,3 +130,136 @@ def test_swap_halves_is_its_own_inverse():
 
 def test_unknown_family_has_no_foreign_names():
     assert denoiser_name_map("generic", {}) == {}
+
+
+# Names read off published full-size files (kohya SD1.5/SDXL, BFL Flux, SAI SD3), mapped from
+# the stock configs alone (no model is built).
+SD15_CONFIG = {
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+}
+SDXL_CONFIG = {
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280],
+    "layers_per_block": 2,
+    "transformer_layers_per_block": [1, 2, 10],
+    "addition_embed_type": "text_time",
+}
+
+
+@pytest.mark.parametrize(
+    ("family", "config", "theirs", "ours"),
+    [
+        (
+            "sd15",
+            SD15_CONFIG,
+            "input_blocks.1.1.transformer_blocks.0.attn2.to_k",
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
+        ),
+        ("sd15", SD15_CONFIG, "input_blocks.11.0.out_layers.3", "down_blocks.3.resnets.1.conv2"),
+        ("sd15", SD15_CONFIG, "input_blocks.9.0.op", "down_blocks.2.downsamplers.0.conv"),
+        ("sd15", SD15_CONFIG, "output_blocks.2.1.conv", "up_blocks.0.upsamplers.0.conv"),
+        ("sd15", SD15_CONFIG, "output_blocks.5.2.conv", "up_blocks.1.upsamplers.0.conv"),
+        ("sd15", SD15_CONFIG, "output_blocks.11.1.proj_out", "up_blocks.3.attentions.2.proj_out"),
+        (
+            "sd15",
+            SD15_CONFIG,
+            "output_blocks.3.0.skip_connection",
+            "up_blocks.1.resnets.0.conv_shortcut",
+        ),
+        (
+            "sdxl",
+            SDXL_CONFIG,
+            "input_blocks.4.1.transformer_blocks.1.attn1.to_q",
+            "down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q",
+        ),
+        (
+            "sdxl",
+            SDXL_CONFIG,
+            "input_blocks.8.1.transformer_blocks.9.ff.net.2",
+            "down_blocks.2.attentions.1.transformer_blocks.9.ff.net.2",
+        ),
+        (
+            "sdxl",
+            SDXL_CONFIG,
+            "input_blocks.4.0.skip_connection",
+            "down_blocks.1.resnets.0.conv_shortcut",
+        ),
+        (
+            "sdxl",
+            SDXL_CONFIG,
+            "middle_block.1.transformer_blocks.9.attn2.to_out.0",
+            "mid_block.attentions.0.transformer_blocks.9.attn2.to_out.0",
+        ),
+        (
+            "sdxl",
+            SDXL_CONFIG,
+            "output_blocks.0.1.transformer_blocks.9.attn1.to_v",
+            "up_blocks.0.attentions.0.transformer_blocks.9.attn1.to_v",
+        ),
+        ("sdxl", SDXL_CONFIG, "output_blocks.2.2.conv", "up_blocks.0.upsamplers.0.conv"),
+        (
+            "sdxl",
+            SDXL_CONFIG,
+            "output_blocks.8.0.skip_connection",
+            "up_blocks.2.resnets.2.conv_shortcut",
+        ),
+        ("sdxl", SDXL_CONFIG, "label_emb.0.0", "add_embedding.linear_1"),
+    ],
+)
+def test_full_size_unet_names(family, config, theirs, ours):
+    mapping = denoiser_name_map(family, config)
+    assert mapping[theirs] == (Target("denoiser", ours),)
+
+
+def test_full_size_flux_and_sd3_rows():
+    flux = denoiser_name_map(
+        "flux",
+        {
+            "num_attention_heads": 24,
+            "attention_head_dim": 128,
+            "num_layers": 19,
+            "num_single_layers": 38,
+            "guidance_embeds": True,
+        },
+    )
+    assert [t.rows for t in flux["single_blocks.37.linear1"]] == [
+        (0, 3072),
+        (3072, 6144),
+        (6144, 9216),
+        (9216, 21504),
+    ]
+    assert flux["double_blocks.18.txt_attn.qkv"][2] == Target(
+        "denoiser", "transformer_blocks.18.attn.add_v_proj", (6144, 9216)
+    )
+    assert flux["guidance_in.out_layer"][0].path == "time_text_embed.guidance_embedder.linear_2"
+    assert "double_blocks.19.img_attn.qkv" not in flux and "single_blocks.38.linear1" not in flux
+    sd3 = denoiser_name_map(
+        "sd3", {"num_attention_heads": 24, "attention_head_dim": 64, "num_layers": 24}
+    )
+    assert sd3["joint_blocks.23.context_block.adaLN_modulation.1"][0].transform == "swap_halves"
+    assert sd3["joint_blocks.22.context_block.adaLN_modulation.1"][0].transform is None
+    assert [t.rows for t in sd3["joint_blocks.5.x_block.attn.qkv"]] == [
+        (0, 1536),
+        (1536, 3072),
+        (3072, 4608),
+    ]
+    sd35 = denoiser_name_map(
+        "sd3",
+        {
+            "num_attention_heads": 24,
+            "attention_head_dim": 64,
+            "num_layers": 24,
+            "qk_norm": "rms_norm",
+            "dual_attention_layers": [0, 1],
+        },
+    )
+    assert sd35["joint_blocks.1.x_block.attn2.qkv"][0].path == "transformer_blocks.1.attn2.to_q"
+    assert (
+        sd35["joint_blocks.3.context_block.attn.ln_k"][0].path
+        == "transformer_blocks.3.attn.norm_added_k"
+    )
+    assert "joint_blocks.2.x_block.attn2.qkv" not in sd35

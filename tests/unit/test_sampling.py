@@ -87,9 +87,9 @@ def test_an_unchanged_set_is_not_bound_again(tiny, monkeypatch):
     bound: list[str] = []
     real_bind = Adapter.bind
 
-    def counting_bind(self, module, strict=True):
+    def counting_bind(self, module, strict=True, **where):
         bound.append(self.name)
-        return real_bind(self, module, strict=strict)
+        return real_bind(self, module, strict=strict, **where)
 
     monkeypatch.setattr(Adapter, "bind", counting_bind)
     model.restore_base()
