@@ -96,7 +96,7 @@ def layout_tensors(
             f"{adapter.name}: the kohya layout has no names for {type(denoiser).__name__} "
             f"(family {family!r}); save with layout 'lycoris'"
         )
-    binding = adapter.bind_targets(denoiser, strict=True, family=family, elsewhere=_TEXT_COMPONENTS)
+    binding = adapter.bind(denoiser, strict=True, family=family, elsewhere=_TEXT_COMPONENTS)
     out: Tensors = {}
     for names in binding.elsewhere.values():
         for name in names:

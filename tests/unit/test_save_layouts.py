@@ -305,3 +305,28 @@ def test_cli_convert(tmp_path, capsys):
     original = load_adapter(tmp_path / "a.safetensors")
     want, got = _merged(model, original, 1.0), _merged(model, load_adapter(out), 1.0)
     assert max((want[k] - got[k]).abs().max().item() for k in want) < TOL
+
+
+def test_text_encoder_layers_keep_their_names(tmp_path):
+    from safetensors.torch import save_file
+
+    model = denoiser("flux")
+    _file(model, "flux", "lora", tmp_path / "a.safetensors")
+    tensors, meta = read_safetensors(tmp_path / "a.safetensors")
+    g = torch.Generator().manual_seed(4)
+    te = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    extra = {
+        f"{te}.lora_down.weight": torch.randn(2, 32, generator=g),
+        f"{te}.lora_up.weight": torch.randn(32, 2, generator=g),
+        f"{te}.alpha": torch.tensor(1.0),
+    }
+    save_file({**tensors, **extra}, str(tmp_path / "te.safetensors"), metadata=meta)
+    out = save_adapter(
+        load_adapter(tmp_path / "te.safetensors"),
+        tmp_path / "k.safetensors",
+        "kohya",
+        denoiser=model,
+    )
+    written, _ = read_safetensors(out)
+    assert all(torch.equal(written[k], v) for k, v in extra.items())
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight" in written
