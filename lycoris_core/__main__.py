@@ -1,4 +1,4 @@
-"""Command line: ``python -m lycoris_core {demo, train, sample, inspect, make-tiny} ...``.
+"""Command line: ``python -m lycoris_core {demo, train, sample, inspect, convert, make-tiny} ...``.
 
 Errors of this library are printed as one line (type and message, which carries the fix)
 and exit with status 2; anything else is a bug and keeps its traceback. Output paths are
@@ -44,6 +44,21 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         module = load_denoiser(args.base)
     info = describe(adapter, module)
     print(json.dumps(info, indent=2) if args.json else format_report(info))
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .adapters import load_adapter
+    from .save_layouts import save_adapter
+
+    adapter = load_adapter(args.file)
+    denoiser = None
+    if args.base:
+        from .models import load_denoiser
+
+        denoiser = load_denoiser(args.base)
+    out = save_adapter(adapter, args.out, args.layout, denoiser=denoiser)
+    print(f"saved {len(adapter.layers)} layers in the {args.layout} layout to {out}")
     return 0
 
 
@@ -280,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
+    from .save_layouts import LAYOUTS
 
     p = sub.add_parser("make-tiny", help="save a tiny random diffusers pipeline")
     p.add_argument("--family", required=True, help="sd15, sdxl, sd3 or flux")
@@ -292,6 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="diffusers pipeline folder: report matched/unmatched layers")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("convert", help="write a LyCORIS/LoRA file in another layout")
+    p.add_argument("file")
+    p.add_argument("out", help=".safetensors file to write")
+    p.add_argument("--layout", choices=LAYOUTS, default=LAYOUTS[0])
+    p.add_argument("--base", help="the model the file is for (needed for --layout kohya)")
+    p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("sample", help="sample images with LyCORIS adapters at strengths")
     _add_base_args(p)

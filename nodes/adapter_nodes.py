@@ -10,9 +10,9 @@ from typing import Any
 from ..lycoris_core import LycorisConfig, coverage, load_adapter
 from ..lycoris_core.config import ALGOS, SEED_EXAMPLE, algo_supports
 from ..lycoris_core.errors import AdapterFormatError, ConfigError
-from ..lycoris_core.io import write_safetensors
 from ..lycoris_core.paths import output_child
 from ..lycoris_core.report import describe, format_report
+from ..lycoris_core.save_layouts import LAYOUTS, save_adapter
 from . import _host
 from .handles import (
     ADAPTER,
@@ -309,7 +309,9 @@ def _stem(file_name: Any) -> Any:
 
 class SaveLycoris(LycorisNode):
     DESCRIPTION = (
-        "Save an adapter (tensors and metadata) into models/loras/lycoris/<name>.safetensors."
+        "Save an adapter (tensors and metadata) into models/loras/lycoris/<name>.safetensors, "
+        "in our layout (default) or, with the model connected, kohya/ComfyUI's (lora_unet_ + "
+        "ldm/BFL/SAI names; Flux/SD3 qkv LoRAs fused exactly)."
     )
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING",)
@@ -328,22 +330,42 @@ class SaveLycoris(LycorisNode):
                         "tooltip": "File name (without folder), .safetensors is added.",
                     },
                 ),
-            }
+            },
+            "optional": {
+                "layout": (
+                    list(LAYOUTS),
+                    {
+                        "default": LAYOUTS[0],
+                        "tooltip": "lycoris: our names (lycoris_ + diffusers paths), as trained. "
+                        "kohya: lora_unet_ + the model's original names (ldm for SD1.x/SDXL, "
+                        "BFL for Flux with fused qkv/linear1, SAI for SD3), as kohya and most "
+                        "Civitai files; needs the model.",
+                    },
+                ),
+                "model": (
+                    MODEL,
+                    {"tooltip": "The model the adapter is for (its names for layout kohya)."},
+                ),
+            },
         }
 
     @classmethod
     def VALIDATE_INPUTS(cls, file_name: str | None) -> bool | str:
         return check_output_name(_stem(file_name), "file_name") or True
 
-    def run(self, adapter: Any, file_name: str) -> dict[str, Any]:
+    def run(
+        self,
+        adapter: Any,
+        file_name: str,
+        layout: str = LAYOUTS[0],
+        model: ModelHandle | None = None,
+    ) -> dict[str, Any]:
         folder = _host.primary_folder("loras") / OUTPUT_SUBFOLDER
         target = output_child(folder, _stem(file_name), "file_name", ".safetensors")
-        tensors = {
-            f"{layer}.{key}": t
-            for layer, la in adapter.layers.items()
-            for key, t in la.tensors.items()
-        }
-        write_safetensors(target, tensors, adapter.metadata)
+        denoiser = family = None
+        if model is not None:
+            denoiser, family = model.model.denoiser, model.model.family.name
+        save_adapter(adapter, target, layout, denoiser=denoiser, family=family)
         return {"ui": {"text": [str(target)]}, "result": (str(target),)}
 
 

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lycoris_core.adapters import load_adapter
 from lycoris_core.config import SEED_EXAMPLE
+from lycoris_core.io import read_safetensors
 from lycoris_core.training.synthetic import make_demo_dataset
 
 FLUX = "demo: tiny-flux"
@@ -150,7 +152,19 @@ def test_load_apply_sample_inspect_save(nodes, flux, trained, host_root):
     report = run(nodes, "LycorisInspect", adapter=adapter, model=flux)[0]
     assert "30 matched, 0 unmatched" in report
     saved = run(nodes, "LycorisSave", adapter=adapter, file_name="copy")[0]
-    assert Path(saved).is_file()
+    source = host_root / "models" / "loras" / "lycoris" / "node_run.safetensors"
+    (got, got_meta), (want, want_meta) = read_safetensors(saved), read_safetensors(source)
+    assert got_meta == want_meta and got.keys() == want.keys()  # the default layout: the trainer's
+    assert all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want)  # file
+    kohya = run(nodes, "LycorisSave", adapter=adapter, file_name="k", layout="kohya", model=flux)
+    keys = set(load_adapter(kohya[0]).layers)
+    # the seed's LoKr: BFL names where a module is one BFL weight, split names inside qkv
+    assert {
+        "lora_unet_double_blocks_0_img_attn_proj",
+        "lycoris_transformer_blocks_0_attn_to_q",
+    } <= keys
+    assert not any(k.endswith("_qkv") for k in keys), sorted(keys)
+    assert len(keys) == len(adapter.layers)
     merged = run(nodes, "LycorisSaveMergedModel", model=on, folder_name="baked")[0]
     assert (Path(merged) / "model_index.json").is_file()
     baked = run(
