@@ -48,7 +48,7 @@ def test_pack_imported(comfy):
 def test_object_info_lists_every_node(comfy):
     registered = _registered_nodes()
     snapshot = json.loads(SNAPSHOT.read_text())
-    assert set(registered) == set(snapshot) and len(registered) == 14
+    assert set(registered) == set(snapshot) and len(registered) == 15
     status, info = comfy.get("/object_info", timeout=60)
     assert status == 200
     missing = sorted(set(registered) - set(info))
