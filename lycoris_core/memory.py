@@ -1,0 +1,574 @@
+"""The memory preflight: what a training or sampling run will hold, against what is free.
+
+:func:`estimate_memory` adds up, without allocating anything big:
+
+* **weights** per pipeline component at their storage dtype: counted from a loaded pipeline's
+  modules, or, before loading, from the ``.safetensors`` headers of a diffusers folder (the
+  floating tensors at the dtype they will be loaded in);
+* **adapter** parameters, their gradients and the optimizer's state, from the LyCORIS network
+  built for the config on a copy of the denoiser on the ``meta`` device (so the counts are the
+  real network's): AdamW keeps 2 fp32 states per parameter, AdamW 8-bit 2 bytes, Prodigy 4
+  states (``exp_avg``, ``exp_avg_sq``, ``s``, ``p0``), Adafactor a factored second moment
+  (rows + columns of each matrix);
+* **activations** of a training step (or a sampling forward) for the resolution and batch,
+  with or without gradient checkpointing, from the constants below;
+* **encoders** (VAE, text encoders) while latents and text are encoded: training encodes first
+  and then moves them off the device (``Session.release_encoders``), so the peak is the larger
+  of the encoding phase and the training phase.
+
+How the activation constants were measured (``bench/memory_fit.py``, results in
+``bench/results/memory_fit.json``): one training step (forward, MSE loss, backward) of random
+Flux transformers (hidden 256/512, 1-3 double and 1-3 single blocks, 12-24 px latent grids,
+32 text tokens, batch 1-2) and SDXL-layout UNets (3 levels, 32-128 channels) with a LyCORIS
+LoRA on Attention + FeedForward, under ``torch.profiler.profile(profile_memory=True)`` on the
+CPU: the largest "Total Allocated" of the step, minus the adapter's gradients. Flux bytes per
+``batch x tokens x hidden x element size`` were fitted per double block, per single block and
+for the rest by least squares; UNet bytes per ``batch x latent pixels x element size x
+sum_i c_i (1 + t_i) / 4**i``. The LoKr factor is LoKr's extra over LoRA per byte of wrapped
+fp32 weight (LoKr materialises each layer's full delta in its forward). The same formulas
+estimate GPU runs (activations are per element, not per device); CUDA's own context and
+allocator slack are not in them.
+
+A run is refused (:class:`MemoryPreflightError`) only when it **clearly** does not fit: what it
+still needs exceeds the free memory by more than :data:`REFUSE_FACTOR` (1.5x). Below that the
+estimate is a warning in the status line and the run starts: a real out-of-memory then ends as
+:class:`~lycoris_core.device.OutOfMemoryError` (a ``torch.OutOfMemoryError``, so ComfyUI frees
+its models) with advice. The refusal is a plain :class:`LycorisError`, not an out-of-memory
+error: nothing was allocated, and a host that unloads everything on an OOM should not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import LycorisError
+
+REFUSE_FACTOR = 1.5  # refuse when needed > REFUSE_FACTOR x free
+
+# --- measured constants (bench/memory_fit.py; see the module docstring) -------------------
+# Flux: bytes per (batch x tokens x hidden x element size)
+FLUX_DOUBLE = 30.0
+FLUX_SINGLE = 22.0
+FLUX_REST = 8.0
+FLUX_DOUBLE_GC = 2.0
+FLUX_SINGLE_GC = 1.0
+FLUX_REST_GC = 38.0  # includes one block's recompute in the backward
+FLUX_INFERENCE = 12.0  # a sampling forward under no_grad (transient buffers only)
+# UNet: bytes per (batch x latent pixels x element size x unet_unit(config))
+UNET_FULL = 30.0
+UNET_GC = 10.0
+UNET_INFERENCE = 6.0
+LOKR_PER_WRAPPED_BYTE = 1.0  # LoKr/LoHa/full: the materialised delta, per fp32 wrapped byte
+MATERIALISING_ALGOS = ("lokr", "loha", "full", "glora", "boft", "oft", "diag-oft")
+
+ENCODER_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "image_encoder")
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+class MemoryPreflightError(LycorisError):
+    """A run whose memory estimate clearly exceeds the free memory; refused before loading."""
+
+
+@dataclass(frozen=True)
+class MemoryItem:
+    """One line of an estimate. `resident`: already allocated on the device (a loaded model),
+    counted in the total but not against the free memory."""
+
+    name: str
+    bytes: int
+    note: str = ""
+    resident: bool = False
+    phase: str = "run"  # "run", or "encode": only while features are encoded
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What will run: the settings the estimate depends on."""
+
+    mode: str = "train"  # "train" or "sample"
+    width: int = 512
+    height: int = 512
+    batch_size: int = 1
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw"
+    text_tokens: int | None = None  # None: the family's default
+    offload: str = "none"
+    guidance_batches: int = 1  # sampling with classifier-free guidance runs 2
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    items: tuple[MemoryItem, ...]
+    device: str
+    free: int | None  # bytes free on the device (None: unknown)
+    workload: Workload
+    options: tuple[str, ...] = ()  # cheapest changes that would fit (when it does not)
+
+    def phase_bytes(self, phase: str) -> int:
+        return sum(i.bytes for i in self.items if i.phase in ("run", phase))
+
+    @property
+    def total(self) -> int:
+        """The peak: the larger of the encoding phase and the run phase."""
+        return max(self.phase_bytes("encode"), self.phase_bytes("step"))
+
+    @property
+    def resident(self) -> int:
+        return sum(i.bytes for i in self.items if i.resident)
+
+    @property
+    def needed(self) -> int:
+        """What the run still has to allocate."""
+        return self.total - self.resident
+
+    @property
+    def verdict(self) -> str:
+        """'fits', 'tight' (may not fit: starts with a warning), 'refuse' or 'unknown'."""
+        if self.free is None:
+            return "unknown"
+        if self.needed <= self.free:
+            return "fits"
+        return "tight" if self.needed <= REFUSE_FACTOR * self.free else "refuse"
+
+    def summary(self) -> str:
+        """One status line: total, needed vs free, verdict."""
+        free = "unknown" if self.free is None else gb(self.free)
+        return (
+            f"memory estimate {gb(self.total)} on {self.device} (needs {gb(self.needed)} more, "
+            f"free {free}): {self.verdict}"
+        )
+
+    def breakdown(self) -> str:
+        lines = [self.summary()]
+        for item in self.items:
+            tags = [t for t in (item.note, "loaded" if item.resident else "") if t]
+            phase = " (while encoding)" if item.phase == "encode" else ""
+            lines.append(
+                f"  {item.name}{phase}: {gb(item.bytes)}"
+                + (f" [{'; '.join(tags)}]" if tags else "")
+            )
+        if self.options:
+            lines.append("  would fit: " + "; ".join(self.options))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "total": self.total,
+            "needed": self.needed,
+            "free": self.free,
+            "verdict": self.verdict,
+            "refuse_factor": REFUSE_FACTOR,
+            "items": [dataclasses.asdict(i) for i in self.items],
+            "workload": dataclasses.asdict(self.workload),
+            "options": list(self.options),
+        }
+
+
+def gb(n: int) -> str:
+    """A size for people: GB from 1 GB, else MB."""
+    return f"{n / 2**30:.2f} GB" if abs(n) >= 2**30 else f"{n / 2**20:.1f} MB"
+
+
+# --------------------------------------------------------------------------- free memory
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Free bytes on `device`: CUDA's ``mem_get_info``, the CPU's MemAvailable; else None."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def module_weight_bytes(module: torch.nn.Module) -> tuple[int, str]:
+    """Bytes of a module's parameters and buffers, and its dtypes ('bf16', 'fp32+bf16')."""
+    total, dtypes = 0, set()
+    tensors = list(module.parameters())
+    for sub in module.modules():  # persistent buffers: what a saved file holds
+        skip = sub._non_persistent_buffers_set
+        tensors += [b for n, b in sub.named_buffers(recurse=False) if n not in skip]
+    for t in tensors:
+        total += t.numel() * t.element_size()
+        dtypes.add(
+            str(t.dtype).removeprefix("torch.").replace("float", "fp").replace("bfp16", "bf16")
+        )
+    return total, "+".join(sorted(dtypes))
+
+
+def folder_weight_bytes(folder: Path, dtype: torch.dtype) -> dict[str, int]:
+    """Per component: bytes of its ``.safetensors`` tensors once loaded as `dtype` (floating
+    tensors; others at their stored size), read from the file headers only."""
+    out: dict[str, int] = {}
+    size = torch.tensor([], dtype=dtype).element_size()
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        total = 0
+        for file in sub.glob("*.safetensors"):
+            for numel, stored in _header_tensors(file):
+                floating = stored.startswith(("F", "BF"))
+                total += numel * (size if floating else _DTYPE_BYTES.get(stored, 1))
+        if total:
+            out[sub.name] = total
+    return out
+
+
+def _header_tensors(path: Path) -> list[tuple[int, str]]:
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    out = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        numel = 1
+        for d in info["shape"]:
+            numel *= int(d)
+        out.append((numel, info["dtype"]))
+    return out
+
+
+# --------------------------------------------------------------------------- adapter
+
+
+def meta_denoiser(cls: type, config: dict[str, Any]) -> torch.nn.Module:
+    """A denoiser of `cls` built from `config` on the meta device (no memory)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return cls.from_config(config)
+
+
+def wrapped_weight_numel(net: Any) -> int:
+    """Elements of the base weights a LyCORIS network wraps."""
+    total = 0
+    for lora in net.loras:
+        shape = getattr(lora, "shape", None)
+        if shape is None:
+            shape = lora.org_module[0].weight.shape
+        n = 1
+        for d in shape:
+            n *= int(d)
+        total += n
+    return total
+
+
+def optimizer_state_bytes(optimizer: str, shapes: list[torch.Size]) -> int:
+    """Bytes of the optimizer's state for fp32 parameters of `shapes` (from each algorithm's
+    definition: torch AdamW, bitsandbytes AdamW8bit, prodigyopt Prodigy, transformers
+    Adafactor with beta1=None)."""
+    numel = sum(s.numel() for s in shapes)
+    key = optimizer.lower()
+    if key == "adamw":
+        return 8 * numel
+    if key == "adamw8bit":
+        return 2 * numel
+    if key == "prodigy":
+        return 16 * numel
+    if key == "adafactor":
+        return 4 * sum(s[0] + s[1:].numel() if len(s) >= 2 else s.numel() for s in shapes)
+    return 8 * numel
+
+
+def adapter_items(denoiser_meta: torch.nn.Module, config: Any, optimizer: str) -> list[MemoryItem]:
+    """Adapter weights, gradients and optimizer state of `config` on a meta denoiser; also the
+    materialised deltas of LoKr-like algorithms (an activation of the forward)."""
+    from .targeting import create_network
+
+    net = create_network(denoiser_meta, config)
+    try:
+        shapes = [p.shape for p in net.parameters() if p.requires_grad] or [
+            p.shape for p in net.parameters()
+        ]
+        wrapped = wrapped_weight_numel(net)
+        layers = len(net.loras)
+    finally:
+        net.restore()
+    numel = sum(s.numel() for s in shapes)
+    items = [
+        MemoryItem("adapter weights (fp32)", 4 * numel, f"{numel:,} parameters, {layers} layers"),
+        MemoryItem("adapter gradients (fp32)", 4 * numel),
+        MemoryItem(f"optimizer state ({optimizer})", optimizer_state_bytes(optimizer, shapes)),
+    ]
+    if config.algo in MATERIALISING_ALGOS:
+        items.append(
+            MemoryItem(
+                f"{config.algo} deltas in the forward",
+                int(LOKR_PER_WRAPPED_BYTE * 4 * wrapped),
+                f"{wrapped:,} wrapped weights",
+                phase="step",
+            )
+        )
+    return items
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def unet_unit(config: Any) -> float:
+    """sum_i c_i (1 + t_i) / 4**i over a UNet's resolution levels (t_i: transformer layers in
+    a cross-attention level, 0 in a plain one)."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    channels = list(get("block_out_channels"))
+    kinds = list(get("down_block_types"))
+    layers = get("transformer_layers_per_block", 1)
+    if isinstance(layers, int):
+        layers = [layers] * len(channels)
+    total = 0.0
+    for i, (c, kind) in enumerate(zip(channels, kinds, strict=False)):
+        t = int(layers[i]) if "CrossAttn" in kind else 0
+        total += c * (1 + t) / 4**i
+    return total
+
+
+def activation_bytes(family: str, config: Any, work: Workload, element: int, vae_scale: int) -> int:
+    """Bytes of activations of one training step or sampling forward (see the constants)."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    batch = work.batch_size * (work.guidance_batches if work.mode == "sample" else 1)
+    lat_h, lat_w = work.height // vae_scale, work.width // vae_scale
+    train, gc = work.mode == "train", work.gradient_checkpointing
+    if get("block_out_channels") is not None and get("down_block_types") is not None:
+        unit = batch * lat_h * lat_w * element * unet_unit(config)
+        k = (UNET_GC if gc else UNET_FULL) if train else UNET_INFERENCE
+        return int(k * unit)
+    hidden = int(get("num_attention_heads")) * int(get("attention_head_dim"))
+    text = work.text_tokens or (512 if family == "flux" else 333)
+    tokens = (lat_h // 2) * (lat_w // 2) + text
+    unit = batch * tokens * hidden * element
+    if not train:
+        return int(FLUX_INFERENCE * unit)
+    double = int(get("num_layers", 0) or 0)
+    single = int(get("num_single_layers", 0) or 0)
+    if gc:
+        per = FLUX_DOUBLE_GC * double + FLUX_SINGLE_GC * single + FLUX_REST_GC
+    else:
+        per = FLUX_DOUBLE * double + FLUX_SINGLE * single + FLUX_REST
+    return int(per * unit)
+
+
+# --------------------------------------------------------------------------- the estimate
+
+
+@dataclass
+class BaseInfo:
+    """What the estimate needs of a base model: component bytes, the denoiser's class and
+    config (for a meta copy), family, VAE scale factor, device."""
+
+    components: dict[str, tuple[int, str]]  # name -> (bytes, dtype label)
+    denoiser: str  # component name of the denoiser
+    denoiser_cls: type
+    denoiser_config: dict[str, Any]
+    family: str
+    vae_scale: int
+    device: torch.device
+    element: int  # compute element size in bytes (the denoiser's dtype)
+    resident: bool = False  # already loaded
+    offload: str = "none"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def base_info_from_model(model: Any) -> BaseInfo:
+    """A loaded model (:class:`~lycoris_core.models.LoadedModel`): its modules' real bytes."""
+    pipe = model.pipe
+    comps = {}
+    for name, comp in getattr(pipe, "components", {}).items():
+        if isinstance(comp, torch.nn.Module):
+            comps[name] = module_weight_bytes(comp)
+    den = model.denoiser
+    return BaseInfo(
+        components=comps,
+        denoiser=model.family.denoiser,
+        denoiser_cls=type(den),
+        denoiser_config=dict(den.config),
+        family=model.family.name,
+        vae_scale=model.vae_scale_factor,
+        device=model.device,
+        element=next(den.parameters()).element_size(),
+        resident=True,
+        offload=model.offload,
+    )
+
+
+def base_info_from_folder(
+    folder: str | os.PathLike[str], dtype: str | torch.dtype = "auto", device: Any = "auto"
+) -> BaseInfo:
+    """A diffusers folder before loading: weights from the safetensors headers (as `dtype`),
+    the denoiser's class and config from its config.json."""
+    from .device import resolve_device, resolve_dtype
+    from .families import family_for_pipeline_class
+    from .models import _denoiser_entry, read_model_index
+
+    root = Path(folder)
+    index = read_model_index(root)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    name, cls = _denoiser_entry(root, index)
+    config = cls.load_config(str(root / name))
+    label = str(dt).removeprefix("torch.").replace("float", "fp").replace("bfp16", "bf16")
+    family = family_for_pipeline_class(index["_class_name"])
+    vae_cfg = root / "vae" / "config.json"
+    scale = 8
+    if vae_cfg.is_file():
+        blocks = json.loads(vae_cfg.read_text(encoding="utf-8")).get("block_out_channels", [0] * 4)
+        scale = 2 ** (len(blocks) - 1)
+    return BaseInfo(
+        components={k: (v, label) for k, v in folder_weight_bytes(root, dt).items()},
+        denoiser=name,
+        denoiser_cls=cls,
+        denoiser_config=dict(config),
+        family=family.name if family is not None else "unknown",
+        vae_scale=scale,
+        device=dev,
+        element=torch.tensor([], dtype=dt).element_size(),
+    )
+
+
+def estimate_memory(
+    base: Any,
+    work: Workload | None = None,
+    lycoris_config: Any = None,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: Any = "auto",
+    free_bytes: int | None = None,
+    with_options: bool = True,
+) -> MemoryEstimate:
+    """The memory a training (`work.mode` "train", needs `lycoris_config`) or sampling run on
+    `base` (a LoadedModel, a diffusers folder, or a :class:`BaseInfo`) will hold.
+
+    `free_bytes`: the free memory to compare with (default: measured on the device).
+    """
+    work = work or Workload()
+    if isinstance(base, BaseInfo):
+        info = base
+    elif hasattr(base, "pipe"):
+        info = base_info_from_model(base)
+    else:
+        info = base_info_from_folder(base, dtype=dtype, device=device)
+    items = _weight_items(info, work)
+    if work.mode == "train":
+        if lycoris_config is None:
+            raise LycorisError("estimate_memory: a training estimate needs the LyCORIS config")
+        meta = meta_denoiser(info.denoiser_cls, info.denoiser_config)
+        items += adapter_items(meta, lycoris_config, work.optimizer)
+    act = activation_bytes(info.family, info.denoiser_config, work, info.element, info.vae_scale)
+    how = ("with" if work.gradient_checkpointing else "without") + " gradient checkpointing"
+    what = f"{work.width}x{work.height}, batch {work.batch_size}" + (
+        f", {how}" if work.mode == "train" else ""
+    )
+    items.append(MemoryItem(f"activations ({work.mode})", act, what, phase="step"))
+    free = free_bytes if free_bytes is not None else free_memory_bytes(info.device)
+    est = MemoryEstimate(tuple(items), str(info.device), free, work)
+    if with_options and est.verdict in ("tight", "refuse"):
+        est = dataclasses.replace(est, options=tuple(_options(info, work, lycoris_config, free)))
+    return est
+
+
+def _weight_items(info: BaseInfo, work: Workload) -> list[MemoryItem]:
+    items = []
+    for name, (size, label) in info.components.items():
+        encoder = name != info.denoiser
+        if info.offload == "sequential":
+            continue  # a layer at a time on the device
+        # training moves the encoders off the device once the features are cached; with
+        # offload 'model' only the component that runs is on the device
+        phase = "encode" if encoder and (work.mode == "train" or info.offload == "model") else "run"
+        items.append(
+            MemoryItem(f"{name} weights ({label})", size, resident=info.resident, phase=phase)
+        )
+    return items
+
+
+def _options(info: BaseInfo, work: Workload, config: Any, free: int | None) -> list[str]:
+    """The cheapest single changes (in this order) whose estimate fits `free`."""
+    candidates: list[tuple[str, BaseInfo, Workload]] = []
+    if work.mode == "train" and not work.gradient_checkpointing:
+        candidates.append(
+            (
+                "gradient checkpointing on",
+                info,
+                dataclasses.replace(work, gradient_checkpointing=True),
+            )
+        )
+    if work.batch_size > 1:
+        candidates.append(("batch size 1", info, dataclasses.replace(work, batch_size=1)))
+    for side in (1024, 768, 512, 384, 256):
+        if side < max(work.width, work.height):
+            w = min(work.width, side)
+            h = min(work.height, side)
+            candidates.append(
+                (f"resolution {side}", info, dataclasses.replace(work, width=w, height=h))
+            )
+            break
+    if info.element == 4:
+        half = dataclasses.replace(
+            info,
+            components={k: (v // 2, "bf16") for k, (v, _) in info.components.items()},
+            element=2,
+            resident=False,
+        )
+        candidates.append(("dtype bf16 (half the weights and activations)", half, work))
+    if info.device.type == "cuda" and info.offload == "none" and work.mode == "sample":
+        candidates.append(("offload 'model'", dataclasses.replace(info, offload="model"), work))
+        candidates.append(
+            ("offload 'sequential'", dataclasses.replace(info, offload="sequential"), work)
+        )
+    out = []
+    for label, i, w in candidates:
+        est = estimate_memory(i, w, config, free_bytes=free, with_options=False)
+        if est.verdict == "fits":
+            out.append(f"{label} -> {gb(est.total)}")
+    return out or [
+        "none of gradient checkpointing, batch 1, a lower resolution, bf16 or offload fits alone"
+    ]
+
+
+def preflight(estimate: MemoryEstimate) -> MemoryEstimate:
+    """Raise :class:`MemoryPreflightError` (with the breakdown and the options) when the run
+    clearly does not fit; return the estimate otherwise."""
+    if estimate.verdict == "refuse":
+        raise MemoryPreflightError(
+            f"this run needs about {gb(estimate.needed)} more on {estimate.device} but only "
+            f"{gb(estimate.free or 0)} is free (refused above {REFUSE_FACTOR}x); change the "
+            f"settings, e.g. {'; '.join(estimate.options)}.\n{estimate.breakdown()}"
+        )
+    return estimate
+
+
+def training_workload(spec: Any) -> Workload:
+    """The :class:`Workload` of a :class:`~lycoris_core.training.TrainSpec`."""
+    res = int(spec.dataset.resolution)
+    return Workload(
+        mode="train",
+        width=res,
+        height=res,
+        batch_size=int(spec.batch_size),
+        gradient_checkpointing=bool(spec.gradient_checkpointing),
+        optimizer=str(spec.optimizer),
+        text_tokens=spec.objective.max_sequence_length,
+    )
+
+
+def estimate_training(
+    spec: Any, *, free_bytes: int | None = None, **base_kw: Any
+) -> MemoryEstimate:
+    """The estimate of a training spec (its base: loaded, or a folder loaded with `base_kw`:
+    dtype, device)."""
+    return estimate_memory(
+        spec.base, training_workload(spec), spec.config, free_bytes=free_bytes, **base_kw
+    )
