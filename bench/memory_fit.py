@@ -166,7 +166,23 @@ def measure(model: torch.nn.Module, inputs: dict, config: dict, checkpointing: b
     net.restore()
     if checkpointing:
         model.disable_gradient_checkpointing()
-    return {"peak": peak, "grad_bytes": grad_bytes, "wrapped_numel": wrapped, "act": peak - grad_bytes}
+    return {
+        "peak": peak,
+        "grad_bytes": grad_bytes,
+        "wrapped_numel": wrapped,
+        "act": peak - grad_bytes,
+    }
+
+
+def measure_inference(model: torch.nn.Module, inputs: dict) -> int:
+    """Peak bytes of one forward under no_grad (sampling)."""
+
+    @torch.no_grad()
+    def forward() -> None:
+        model(**inputs)
+
+    forward()
+    return peak_allocated(forward)
 
 
 def lstsq(rows: list[list[float]], ys: list[float]) -> list[float]:
@@ -179,14 +195,18 @@ def fit_flux(records: list[dict]) -> dict[str, Any]:
     out = {}
     for gc in (False, True):
         rs = [r for r in records if r["gc"] == gc and r["algo"] == "lora"]
-        rows = [[r["unit"] * r["ld"], r["unit"] * r["ls"], r["unit"]] for r in rs]
-        a_d, a_s, c0 = lstsq(rows, [r["act"] for r in rs])
-        preds = [a_d * x[0] + a_s * x[1] + c0 * x[2] for x in rows]
+        rows = [
+            [r["unit"] * r["ld"], r["unit"] * r["ls"], r["unit"], 4 * r["wrapped_numel"]]
+            for r in rs
+        ]
+        coef = lstsq(rows, [r["act"] for r in rs])
+        preds = [sum(c * x for c, x in zip(coef, row, strict=True)) for row in rows]
         errs = [p / r["act"] - 1 for p, r in zip(preds, rs, strict=True)]
         out["gc" if gc else "full"] = {
-            "double": a_d,
-            "single": a_s,
-            "rest": c0,
+            "double": coef[0],
+            "single": coef[1],
+            "rest": coef[2],
+            "per_wrapped_byte": coef[3],
             "max_rel_err": max(abs(e) for e in errs),
         }
     return out
@@ -201,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     records: list[dict[str, Any]] = []
+    inference: list[float] = []
+    unet_inference: list[float] = []
     txt = 32
     for d, ld, ls, side, batch in [
         (256, 1, 1, 16, 1),
@@ -213,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         model = flux_model(d, ld, ls)
         inputs = flux_inputs(model, side, txt, batch)
         unit = batch * (side * side + txt) * d * 4
+        inference.append(measure_inference(model, inputs) / unit)
         for gc in (False, True):
             for algo, config in (("lora", LORA), ("lokr", SEED_EXAMPLE)):
                 r = measure(model, inputs, config, gc)
@@ -230,36 +253,55 @@ def main(argv: list[str] | None = None) -> int:
             base = next(
                 q
                 for q in records
-                if q["algo"] == "lora" and not q["gc"] and q["family"] == r["family"]
+                if q["algo"] == "lora"
+                and not q["gc"]
+                and q["family"] == r["family"]
                 and all(q[k] == r[k] for k in ("d", "ld", "ls", "side", "batch"))
             )
             lokr_extra.append((r["act"] - base["act"]) / (4 * r["wrapped_numel"]))
     unet_records = []
-    for channels, side, batch in [((32, 64, 64), 32, 1), ((64, 128, 128), 32, 1), ((64, 64, 128), 48, 1)]:
+    for channels, side, batch in [
+        ((32, 64, 64), 32, 1),
+        ((64, 128, 128), 32, 1),
+        ((64, 64, 128), 48, 1),
+    ]:
         model = unet_model(channels)
         inputs = unet_inputs(model, side, batch)
         unit = batch * side * side * 4 * unet_unit(model.config)
+        unet_inference.append(measure_inference(model, inputs) / unit)
         for gc in (False, True):
             r = measure(model, inputs, LORA, gc)
             unet_records.append({"channels": channels, "side": side, "gc": gc, "unit": unit} | r)
             print(unet_records[-1], flush=True)
         del model
-    unet = {}
+    unet: dict[str, Any] = {"inference_per_unit": unet_inference}
     for gc in (False, True):
         rs = [r for r in unet_records if r["gc"] == gc]
-        k = sum(r["act"] / r["unit"] for r in rs) / len(rs)
+        rows = [[r["unit"], 4 * r["wrapped_numel"]] for r in rs]
+        coef = lstsq(rows, [r["act"] for r in rs])
+        preds = [coef[0] * x[0] + coef[1] * x[1] for x in rows]
         unet["gc" if gc else "full"] = {
-            "per_unit": k,
-            "per_config": [r["act"] / r["unit"] for r in rs],
+            "per_unit": coef[0],
+            "per_wrapped_byte": coef[1],
+            "rel_err": [p / r["act"] - 1 for p, r in zip(preds, rs, strict=True)],
         }
     result = {
         "machine": common.machine_info(0),
         "flux": flux,
+        "flux_inference_per_unit": inference,
         "lokr_extra_per_wrapped_byte": lokr_extra,
         "unet": unet,
         "records": records + unet_records,
     }
-    print(json.dumps({k: result[k] for k in ("flux", "lokr_extra_per_wrapped_byte", "unet")}, indent=2))
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in ("flux", "flux_inference_per_unit", "lokr_extra_per_wrapped_byte", "unet")
+            },
+            indent=2,
+        )
+    )
     common.write_json_atomic(Path(args.out), result)
     return 0
 
