@@ -192,30 +192,69 @@ def lstsq(rows: list[list[float]], ys: list[float]) -> list[float]:
 
 
 def fit_flux(records: list[dict]) -> dict[str, Any]:
+    """Without checkpointing: bytes per unit for a double block, a single block, the rest,
+    and per wrapped fp32 weight byte. With checkpointing a block keeps only its inputs (one
+    unit, by construction of checkpointing: hidden + text stream); rest and wrapped are
+    fitted (a free per-block term came out negative: too few configurations to separate it)."""
     out = {}
     for gc in (False, True):
         rs = [r for r in records if r["gc"] == gc and r["algo"] == "lora"]
-        rows = [
-            [r["unit"] * r["ld"], r["unit"] * r["ls"], r["unit"], 4 * r["wrapped_numel"]]
-            for r in rs
-        ]
-        coef = lstsq(rows, [r["act"] for r in rs])
+        blocks = [(r["ld"] + r["ls"]) * r["unit"] for r in rs]
+        if gc:
+            rows = [[r["unit"], 4 * r["wrapped_numel"]] for r in rs]
+            ys = [r["act"] - b for r, b in zip(rs, blocks, strict=True)]
+        else:
+            rows = [
+                [r["unit"] * r["ld"], r["unit"] * r["ls"], r["unit"], 4 * r["wrapped_numel"]]
+                for r in rs
+            ]
+            ys = [r["act"] for r in rs]
+        coef = lstsq(rows, ys)
         preds = [sum(c * x for c, x in zip(coef, row, strict=True)) for row in rows]
+        if gc:
+            preds = [p + b for p, b in zip(preds, blocks, strict=True)]
+            named = {"per_block": 1.0, "rest": coef[0], "per_wrapped_byte": coef[1]}
+        else:
+            named = dict(zip(("double", "single", "rest", "per_wrapped_byte"), coef, strict=True))
         errs = [p / r["act"] - 1 for p, r in zip(preds, rs, strict=True)]
-        out["gc" if gc else "full"] = {
-            "double": coef[0],
-            "single": coef[1],
-            "rest": coef[2],
-            "per_wrapped_byte": coef[3],
-            "max_rel_err": max(abs(e) for e in errs),
-        }
+        out["gc" if gc else "full"] = named | {"max_rel_err": max(abs(e) for e in errs)}
     return out
+
+
+def fit_unet(records: list[dict], inference: list[float]) -> dict[str, Any]:
+    unet: dict[str, Any] = {"inference_per_unit": inference}
+    for gc in (False, True):
+        rs = [r for r in records if r["gc"] == gc]
+        rows = [[r["unit"], 4 * r["wrapped_numel"]] for r in rs]
+        coef = lstsq(rows, [r["act"] for r in rs])
+        preds = [coef[0] * x[0] + coef[1] * x[1] for x in rows]
+        unet["gc" if gc else "full"] = {
+            "per_unit": coef[0],
+            "per_wrapped_byte": coef[1],
+            "rel_err": [p / r["act"] - 1 for p, r in zip(preds, rs, strict=True)],
+        }
+    return unet
+
+
+def summarise(result: dict[str, Any]) -> dict[str, Any]:
+    records = result["records"]
+    flux = [r for r in records if r.get("family") == "flux"]
+    unet = [r for r in records if r.get("family") != "flux"]  # older records have no family
+    result["flux"] = fit_flux(flux)
+    result["unet"] = fit_unet(unet, result["unet"]["inference_per_unit"])
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench/results/memory_fit.json")
+    parser.add_argument("--refit", action="store_true", help="refit the records in --out")
     args = parser.parse_args(argv)
+    if args.refit:
+        result = summarise(json.loads(Path(args.out).read_text()))
+        print(json.dumps({k: result[k] for k in ("flux", "unet")}, indent=2))
+        common.write_json_atomic(Path(args.out), result)
+        return 0
     from lycoris_core.config import SEED_EXAMPLE
     from lycoris_core.memory import unet_unit
 
@@ -246,7 +285,6 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(records[-1], flush=True)
         del model
-    flux = fit_flux([r for r in records if r["family"] == "flux"])
     lokr_extra = []
     for r in records:
         if r["algo"] == "lokr" and not r["gc"]:
@@ -271,37 +309,21 @@ def main(argv: list[str] | None = None) -> int:
         unet_inference.append(measure_inference(model, inputs) / unit)
         for gc in (False, True):
             r = measure(model, inputs, LORA, gc)
-            unet_records.append({"channels": channels, "side": side, "gc": gc, "unit": unit} | r)
+            unet_records.append(
+                {"family": "unet", "channels": channels, "side": side, "gc": gc, "unit": unit} | r
+            )
             print(unet_records[-1], flush=True)
         del model
-    unet: dict[str, Any] = {"inference_per_unit": unet_inference}
-    for gc in (False, True):
-        rs = [r for r in unet_records if r["gc"] == gc]
-        rows = [[r["unit"], 4 * r["wrapped_numel"]] for r in rs]
-        coef = lstsq(rows, [r["act"] for r in rs])
-        preds = [coef[0] * x[0] + coef[1] * x[1] for x in rows]
-        unet["gc" if gc else "full"] = {
-            "per_unit": coef[0],
-            "per_wrapped_byte": coef[1],
-            "rel_err": [p / r["act"] - 1 for p, r in zip(preds, rs, strict=True)],
-        }
     result = {
         "machine": common.machine_info(0),
-        "flux": flux,
         "flux_inference_per_unit": inference,
         "lokr_extra_per_wrapped_byte": lokr_extra,
-        "unet": unet,
+        "unet": {"inference_per_unit": unet_inference},
         "records": records + unet_records,
     }
-    print(
-        json.dumps(
-            {
-                k: result[k]
-                for k in ("flux", "flux_inference_per_unit", "lokr_extra_per_wrapped_byte", "unet")
-            },
-            indent=2,
-        )
-    )
+    result = summarise(result)
+    keys = ("flux", "flux_inference_per_unit", "lokr_extra_per_wrapped_byte", "unet")
+    print(json.dumps({k: result[k] for k in keys}, indent=2))
     common.write_json_atomic(Path(args.out), result)
     return 0
 

@@ -52,21 +52,24 @@ from .errors import LycorisError
 
 REFUSE_FACTOR = 1.5  # refuse when needed > REFUSE_FACTOR x free
 
-# --- measured constants (bench/memory_fit.py; see the module docstring) -------------------
-# Flux: bytes per (batch x tokens x hidden x element size)
-FLUX_DOUBLE = 30.0
-FLUX_SINGLE = 22.0
-FLUX_REST = 8.0
-FLUX_DOUBLE_GC = 2.0
-FLUX_SINGLE_GC = 1.0
-FLUX_REST_GC = 38.0  # includes one block's recompute in the backward
-FLUX_INFERENCE = 12.0  # a sampling forward under no_grad (transient buffers only)
-# UNet: bytes per (batch x latent pixels x element size x unet_unit(config))
-UNET_FULL = 30.0
-UNET_GC = 10.0
-UNET_INFERENCE = 6.0
-LOKR_PER_WRAPPED_BYTE = 1.0  # LoKr/LoHa/full: the materialised delta, per fp32 wrapped byte
-MATERIALISING_ALGOS = ("lokr", "loha", "full", "glora", "boft", "oft", "diag-oft")
+# --- measured constants (bench/memory_fit.py -> bench/results/memory_fit.json) -------------
+# Flux: bytes per (batch x tokens x hidden x element size); least squares over 6 configs,
+# largest error 1.9% (no checkpointing) and 14% (checkpointing)
+FLUX_DOUBLE = 21.5
+FLUX_SINGLE = 17.4
+FLUX_REST = -4.5  # fitted intercept: the per-block terms carry the embeddings
+FLUX_BLOCK_GC = 1.0  # a checkpointed block keeps its inputs only
+FLUX_REST_GC = 28.0  # one block recomputed in the backward, embeddings, loss
+FLUX_INFERENCE = 21.0  # median of 6 no_grad forwards (15.5 .. 40.8)
+# UNet: bytes per (batch x latent pixels x element size x unet_unit(config)); 3 configs
+UNET_FULL = 77.3
+UNET_GC = 25.6
+UNET_INFERENCE = 33.3  # median of 3 (22.8 .. 55.9)
+# Per byte of wrapped base weight (at the base's element size): the LyCORIS forward (LoRA and
+# LoKr alike, lycoris' default non-bypass mode) builds each wrapped layer's merged weight and
+# the backward keeps it; LoKr measured no more than LoRA (-0.03 .. 0.0)
+WRAPPED_FULL = {"flux": 1.07, "unet": 1.68}
+WRAPPED_GC = {"flux": 0.80, "unet": 0.55}
 
 ENCODER_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "image_encoder")
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -111,8 +114,14 @@ class MemoryEstimate:
     workload: Workload
     options: tuple[str, ...] = ()  # cheapest changes that would fit (when it does not)
 
-    def phase_bytes(self, phase: str) -> int:
-        return sum(i.bytes for i in self.items if i.phase in ("run", phase))
+    def phase_bytes(self, phase: str, resident: bool | None = None) -> int:
+        """Bytes held in `phase` ("encode" or "step"); `resident` True/False: only those
+        already loaded / still to allocate."""
+        return sum(
+            i.bytes
+            for i in self.items
+            if i.phase in ("run", phase) and (resident is None or i.resident == resident)
+        )
 
     @property
     def total(self) -> int:
@@ -125,8 +134,8 @@ class MemoryEstimate:
 
     @property
     def needed(self) -> int:
-        """What the run still has to allocate."""
-        return self.total - self.resident
+        """What the run still has to allocate, at its peak."""
+        return max(self.phase_bytes(p, resident=False) for p in ("encode", "step"))
 
     @property
     def verdict(self) -> str:
@@ -285,9 +294,11 @@ def optimizer_state_bytes(optimizer: str, shapes: list[torch.Size]) -> int:
     return 8 * numel
 
 
-def adapter_items(denoiser_meta: torch.nn.Module, config: Any, optimizer: str) -> list[MemoryItem]:
-    """Adapter weights, gradients and optimizer state of `config` on a meta denoiser; also the
-    materialised deltas of LoKr-like algorithms (an activation of the forward)."""
+def adapter_items(
+    denoiser_meta: torch.nn.Module, config: Any, optimizer: str
+) -> tuple[list[MemoryItem], int]:
+    """Adapter weights, gradients and optimizer state of `config` on a meta denoiser, and the
+    number of base weights it wraps."""
     from .targeting import create_network
 
     net = create_network(denoiser_meta, config)
@@ -305,16 +316,7 @@ def adapter_items(denoiser_meta: torch.nn.Module, config: Any, optimizer: str) -
         MemoryItem("adapter gradients (fp32)", 4 * numel),
         MemoryItem(f"optimizer state ({optimizer})", optimizer_state_bytes(optimizer, shapes)),
     ]
-    if config.algo in MATERIALISING_ALGOS:
-        items.append(
-            MemoryItem(
-                f"{config.algo} deltas in the forward",
-                int(LOKR_PER_WRAPPED_BYTE * 4 * wrapped),
-                f"{wrapped:,} wrapped weights",
-                phase="step",
-            )
-        )
-    return items
+    return items, wrapped
 
 
 # --------------------------------------------------------------------------- activations
@@ -336,13 +338,17 @@ def unet_unit(config: Any) -> float:
     return total
 
 
+def _is_unet(get: Any) -> bool:
+    return get("block_out_channels") is not None and get("down_block_types") is not None
+
+
 def activation_bytes(family: str, config: Any, work: Workload, element: int, vae_scale: int) -> int:
     """Bytes of activations of one training step or sampling forward (see the constants)."""
     get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
     batch = work.batch_size * (work.guidance_batches if work.mode == "sample" else 1)
     lat_h, lat_w = work.height // vae_scale, work.width // vae_scale
     train, gc = work.mode == "train", work.gradient_checkpointing
-    if get("block_out_channels") is not None and get("down_block_types") is not None:
+    if _is_unet(get):
         unit = batch * lat_h * lat_w * element * unet_unit(config)
         k = (UNET_GC if gc else UNET_FULL) if train else UNET_INFERENCE
         return int(k * unit)
@@ -355,10 +361,18 @@ def activation_bytes(family: str, config: Any, work: Workload, element: int, vae
     double = int(get("num_layers", 0) or 0)
     single = int(get("num_single_layers", 0) or 0)
     if gc:
-        per = FLUX_DOUBLE_GC * double + FLUX_SINGLE_GC * single + FLUX_REST_GC
+        per = FLUX_BLOCK_GC * (double + single) + FLUX_REST_GC
     else:
         per = FLUX_DOUBLE * double + FLUX_SINGLE * single + FLUX_REST
-    return int(per * unit)
+    return max(0, int(per * unit))
+
+
+def merged_weight_bytes(config: Any, wrapped: int, element: int, checkpointing: bool) -> int:
+    """Bytes of the merged weights the LyCORIS forward builds for `wrapped` base weights."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    kind = "unet" if _is_unet(get) else "flux"
+    per = (WRAPPED_GC if checkpointing else WRAPPED_FULL)[kind]
+    return int(per * wrapped * element)
 
 
 # --------------------------------------------------------------------------- the estimate
@@ -465,7 +479,15 @@ def estimate_memory(
         if lycoris_config is None:
             raise LycorisError("estimate_memory: a training estimate needs the LyCORIS config")
         meta = meta_denoiser(info.denoiser_cls, info.denoiser_config)
-        items += adapter_items(meta, lycoris_config, work.optimizer)
+        adapter, wrapped = adapter_items(meta, lycoris_config, work.optimizer)
+        merged = merged_weight_bytes(
+            info.denoiser_config, wrapped, info.element, work.gradient_checkpointing
+        )
+        note = f"{wrapped:,} wrapped weights"
+        items += [
+            *adapter,
+            MemoryItem("adapter forward (merged weights)", merged, note, phase="step"),
+        ]
     act = activation_bytes(info.family, info.denoiser_config, work, info.element, info.vae_scale)
     how = ("with" if work.gradient_checkpointing else "without") + " gradient checkpointing"
     what = f"{work.width}x{work.height}, batch {work.batch_size}" + (
