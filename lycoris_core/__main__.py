@@ -347,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-preflight", action="store_true", help="skip the memory estimate before loading"
     )
+    p.add_argument(
+        "--free-gb", type=float, default=None, help="preflight: free memory (default: measured)"
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(

@@ -104,6 +104,7 @@ class Workload:
     text_tokens: int | None = None  # None: the family's default
     offload: str = "none"
     guidance_batches: int = 1  # sampling with classifier-free guidance runs 2
+    autocast: bool = False  # training under bf16/fp16 autocast: 2-byte activations
 
 
 @dataclass(frozen=True)
@@ -488,7 +489,8 @@ def estimate_memory(
             *adapter,
             MemoryItem("adapter forward (merged weights)", merged, note, phase="step"),
         ]
-    act = activation_bytes(info.family, info.denoiser_config, work, info.element, info.vae_scale)
+    element = 2 if work.autocast else info.element
+    act = activation_bytes(info.family, info.denoiser_config, work, element, info.vae_scale)
     how = ("with" if work.gradient_checkpointing else "without") + " gradient checkpointing"
     what = f"{work.width}x{work.height}, batch {work.batch_size}" + (
         f", {how}" if work.mode == "train" else ""
@@ -583,6 +585,7 @@ def training_workload(spec: Any) -> Workload:
         gradient_checkpointing=bool(spec.gradient_checkpointing),
         optimizer=str(spec.optimizer),
         text_tokens=spec.objective.max_sequence_length,
+        autocast=spec.mixed_precision in ("bf16", "fp16"),
     )
 
 
