@@ -4,13 +4,16 @@ Run from the repository root::
 
     .venv/bin/python bench/memory.py [--quick] [--steps 3] [--out bench/results/memory.json]
 
-Side by side in one run, each configuration in its own fresh subprocess (a clean peak RSS):
+Side by side in one run, each configuration in its own fresh subprocess (a clean peak RSS;
+``--parallel`` of them at a time, results appended to ``<out>.partial.jsonl`` so an interrupted
+run resumes):
 base dtype fp32 vs bf16 (the whole pipeline stored and computed in it, mixed precision off) x
 gradient checkpointing off / on x two resolutions. Each child builds the tiny Flux pipeline's
 VAE and text encoders with a random transformer of hidden 1024 (8 heads x 128), 3 double + 3
 single blocks (``bench/apply.py``'s ``MODEL_DEFAULT``: 168M parameters), built on the meta
 device and filled in place at its dtype (so a bf16 run never holds an fp32 copy), then trains
-the seed's LoKr config for ``--steps`` steps (AdamW, batch 1, 32 T5 tokens, 1 thread) through
+the seed's LoKr config for ``--steps`` steps (AdamW, batch 1, 32 T5 tokens, 1 thread; default
+1 step: this CPU has no bf16 instructions and its bf16 steps are slow) through
 ``lycoris_core.training.train``.
 
 Per configuration: ``estimate_training(spec)`` (the preflight's figure) against the measured
@@ -201,6 +204,31 @@ def run_child(job: dict[str, Any], tmp: Path) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def run_all(jobs: list[dict[str, Any]], partial: Path, parallel: int) -> list[dict[str, Any]]:
+    """Every job in its own child, `parallel` at a time (peak RSS is per process; step times
+    share the cores). Each result is appended to `partial` as it arrives; a rerun takes the
+    results already there and runs only the rest."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    have = []
+    if partial.is_file():
+        have = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]
+    todo = [j for j in jobs if all(h["job"] != j for h in have)]
+
+    def one(job: dict[str, Any]) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory() as tmp:
+            r = run_child(job, Path(tmp))
+        with open(partial, "a") as fh:
+            fh.write(json.dumps(r) + "\n")
+        print(job["dtype"], job["gc"], job["resolution"], job["malloc"], f"{r['rel_err']:+.3f}")
+        return r
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        fresh = list(pool.map(one, todo))
+    results = have + fresh
+    return [next(r for r in results if r["job"] == j) for j in jobs]
+
+
 def report(res: dict[str, Any]) -> str:
     mb = 2**20
     rows = [
@@ -236,7 +264,8 @@ def report(res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="a small transformer, 2 steps")
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--parallel", type=int, default=2, help="children at a time")
     parser.add_argument("--out", default=str(BENCH / "results" / "memory.json"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -248,22 +277,18 @@ def main(argv: list[str] | None = None) -> int:
     shape = {
         k: v for k, v in shape.items() if k not in ("joint_attention_dim", "pooled_projection_dim")
     }
-    steps = 2 if args.quick else args.steps
-    configs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for dtype in ("fp32", "bf16"):
-            for gc in (False, True):
-                for resolution in RESOLUTIONS:
-                    job = {"dtype": dtype, "gc": gc, "resolution": resolution, "steps": steps,
-                           "shape": shape}  # fmt: skip
-                    configs.append(run_child(job, Path(tmp)))
-                    print(configs[-1]["job"], f"{configs[-1]['rel_err']:+.3f}", flush=True)
-        default_malloc = []  # the same run in a default process: glibc's retained heap
-        for dtype in ("fp32", "bf16"):
-            job = {"dtype": dtype, "gc": False, "resolution": RESOLUTIONS[-1], "steps": steps,
-                   "shape": shape, "malloc": "default"}  # fmt: skip
-            default_malloc.append(run_child(job, Path(tmp)))
-            print(job, f"{default_malloc[-1]['rel_err']:+.3f}", flush=True)
+    steps = 1 if args.quick else args.steps
+    jobs = [
+        {"dtype": d, "gc": g, "resolution": r, "steps": steps, "shape": shape, "malloc": "fixed"}
+        for d in ("fp32", "bf16")
+        for g in (False, True)
+        for r in RESOLUTIONS
+    ]
+    # the fp32 run without checkpointing at the larger size in a default process
+    jobs.append(jobs[1] | {"malloc": "default"})
+    done = run_all(jobs, Path(args.out).with_suffix(".partial.jsonl"), args.parallel)
+    configs = [r for r in done if r["job"]["malloc"] == "fixed"]
+    default_malloc = [r for r in done if r["job"]["malloc"] == "default"]
     within = sum(abs(r["rel_err"]) <= TARGET for r in configs)
     ratios = {}
     for r in configs:
@@ -294,9 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                 r["job"]["dtype"]: round(
                     r["measured"]
                     / next(
-                        q["measured"]
-                        for q in configs
-                        if q["job"] == {k: v for k, v in r["job"].items() if k != "malloc"}
+                        q["measured"] for q in configs if q["job"] == r["job"] | {"malloc": "fixed"}
                     ),
                     3,
                 )
