@@ -13,7 +13,8 @@ VAE and text encoders with a random transformer of hidden 1024 (8 heads x 128), 
 single blocks (``bench/apply.py``'s ``MODEL_DEFAULT``: 168M parameters), built on the meta
 device and filled in place at its dtype (so a bf16 run never holds an fp32 copy), then trains
 the seed's LoKr config for ``--steps`` steps (AdamW, batch 1, 32 T5 tokens, 1 thread; default
-1 step: this CPU has no bf16 instructions and its bf16 steps are slow) through
+2: AdamW creates its state after the first backward, so only from the second step on does a
+step hold optimizer state and activations together, the peak the estimate describes) through
 ``lycoris_core.training.train``.
 
 Per configuration: ``estimate_training(spec)`` (the preflight's figure) against the measured
@@ -264,7 +265,7 @@ def report(res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="a small transformer, 2 steps")
-    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--parallel", type=int, default=2, help="children at a time")
     parser.add_argument("--out", default=str(BENCH / "results" / "memory.json"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
