@@ -10,6 +10,9 @@
   real network's): AdamW keeps 2 fp32 states per parameter, AdamW 8-bit 2 bytes, Prodigy 4
   states (``exp_avg``, ``exp_avg_sq``, ``s``, ``p0``), Adafactor a factored second moment
   (rows + columns of each matrix);
+* **merged weights**: lycoris' forward (its default, non-bypass mode; LoRA and LoKr alike)
+  builds each wrapped layer's weight plus delta, and the backward keeps them: about one more
+  copy of the wrapped base weights;
 * **activations** of a training step (or a sampling forward) for the resolution and batch,
   with or without gradient checkpointing, from the constants below;
 * **encoders** (VAE, text encoders) while latents and text are encoded: training encodes first
@@ -23,11 +26,15 @@ Flux transformers (hidden 256/512, 1-3 double and 1-3 single blocks, 12-24 px la
 LoRA on Attention + FeedForward, under ``torch.profiler.profile(profile_memory=True)`` on the
 CPU: the largest "Total Allocated" of the step, minus the adapter's gradients. Flux bytes per
 ``batch x tokens x hidden x element size`` were fitted per double block, per single block and
-for the rest by least squares; UNet bytes per ``batch x latent pixels x element size x
-sum_i c_i (1 + t_i) / 4**i``. The LoKr factor is LoKr's extra over LoRA per byte of wrapped
-fp32 weight (LoKr materialises each layer's full delta in its forward). The same formulas
+for the rest, plus bytes per wrapped weight byte, by least squares (with checkpointing a block
+keeps its inputs, one unit); UNet bytes per ``batch x latent pixels x element size x
+sum_i c_i (1 + t_i) / 4**i`` plus the wrapped-weight term. LoKr (the seed's config) measured
+the same as LoRA rank 4, so one wrapped-weight factor serves both. ``bench/memory.py`` checks
+the total against the peak RSS of training a 168M-parameter Flux transformer. The same formulas
 estimate GPU runs (activations are per element, not per device); CUDA's own context and
-allocator slack are not in them.
+allocator slack are not in them, nor, on the CPU, the heap glibc keeps after frees (a default
+Linux process's RSS stayed ~1.5x above what torch held; ``MALLOC_MMAP_THRESHOLD_=131072``
+removes that).
 
 A run is refused (:class:`MemoryPreflightError`) only when it **clearly** does not fit: what it
 still needs exceeds the free memory by more than :data:`REFUSE_FACTOR` (1.5x). Below that the
