@@ -267,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small transformer, 2 steps")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--parallel", type=int, default=2, help="children at a time")
+    parser.add_argument(
+        "--partial", action="store_true", help="report the results in <out>.partial.jsonl only"
+    )
     parser.add_argument("--out", default=str(BENCH / "results" / "memory.json"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -287,7 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     # the fp32 run without checkpointing at the larger size in a default process
     jobs.append(jobs[1] | {"malloc": "default"})
-    done = run_all(jobs, Path(args.out).with_suffix(".partial.jsonl"), args.parallel)
+    partial = Path(args.out).with_suffix(".partial.jsonl")
+    if args.partial:  # what finished so far (an interrupted run), without running the rest
+        have = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]
+        jobs = [j for j in jobs if any(h["job"] == j for h in have)]
+    done = run_all(jobs, partial, args.parallel)
     configs = [r for r in done if r["job"]["malloc"] == "fixed"]
     default_malloc = [r for r in done if r["job"]["malloc"] == "default"]
     within = sum(abs(r["rel_err"]) <= TARGET for r in configs)
@@ -295,12 +302,16 @@ def main(argv: list[str] | None = None) -> int:
     for r in configs:
         if r["job"]["dtype"] == "bf16":
             twin = next(
-                q for q in configs if q["job"] | {"dtype": "bf16"} == r["job"] and q is not r
+                (q for q in configs if q["job"] | {"dtype": "bf16"} == r["job"] and q is not r),
+                None,
             )
+            if twin is None:
+                continue
             key = f"ckpt {'on' if r['job']['gc'] else 'off'}, {r['job']['resolution']} px"
             ratios[key] = round(r["peak_rss"] / twin["peak_rss"], 3)
     res = {
         "machine": common.machine_info(configs[0]["params"]) | {"dtype": "fp32 and bf16"},
+        "complete": not args.partial,
         "settings": {
             "steps": steps,
             "text_tokens": TEXT_TOKENS,
