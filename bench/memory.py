@@ -199,7 +199,7 @@ def run_child(job: dict[str, Any], tmp: Path) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.update(MALLOC_ENV if job.get("malloc", "fixed") == "fixed" else {})
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode != 0:
         raise SystemExit(f"child {job} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -267,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small transformer, 2 steps")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--parallel", type=int, default=2, help="children at a time")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--resolutions", nargs="+", type=int, default=list(RESOLUTIONS))
     parser.add_argument(
         "--partial", action="store_true", help="report the results in <out>.partial.jsonl only"
     )
@@ -284,11 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     steps = 1 if args.quick else args.steps
     jobs = [
         {"dtype": d, "gc": g, "resolution": r, "steps": steps, "shape": shape, "malloc": "fixed"}
-        for d in ("fp32", "bf16")
+        for d in args.dtypes
         for g in (False, True)
-        for r in RESOLUTIONS
+        for r in args.resolutions
     ]
-    # the fp32 run without checkpointing at the larger size in a default process
+    # the first dtype without checkpointing at the second size, in a default process
     jobs.append(jobs[1] | {"malloc": "default"})
     partial = Path(args.out).with_suffix(".partial.jsonl")
     if args.partial:  # what finished so far (an interrupted run), without running the rest
