@@ -1,4 +1,5 @@
-"""Command line: ``python -m lycoris_core {demo, train, sample, inspect, convert, make-tiny} ...``.
+"""Command line: ``python -m lycoris_core {demo, train, estimate, sample, inspect, convert,
+make-tiny} ...``.
 
 Errors of this library are printed as one line (type and message, which carries the fix)
 and exit with status 2; anything else is a bug and keeps its traceback. Output paths are
@@ -222,8 +223,47 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _estimate(args: argparse.Namespace, mode: str) -> Any:
+    """The memory estimate of the run `args` describe (train or estimate arguments), before
+    anything loads (a diffusers folder: its safetensors headers and configs)."""
+    from .config import LycorisConfig
+    from .memory import Workload, estimate_memory
+
+    res = getattr(args, "resolution", 512)
+    work = Workload(
+        mode=mode,
+        width=getattr(args, "width", None) or res,
+        height=getattr(args, "height", None) or res,
+        batch_size=args.batch,
+        gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
+        optimizer=getattr(args, "optimizer", "adamw"),
+        text_tokens=getattr(args, "max_sequence_length", None),
+        guidance_batches=getattr(args, "guidance_batches", 1),
+    )
+    config = LycorisConfig.from_file(args.config) if mode == "train" else None
+    free = getattr(args, "free_gb", None)
+    return estimate_memory(
+        args.base,
+        work,
+        config,
+        dtype=args.dtype,
+        device=args.device,
+        free_bytes=None if free is None else int(free * 2**30),
+    )
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    mode = "sample" if args.sample else "train"
+    if mode == "train" and not args.config:
+        raise LycorisError("estimate: a training estimate needs --config (or pass --sample)")
+    est = _estimate(args, mode)
+    print(json.dumps(est.to_dict(), indent=2) if args.json else est.breakdown())
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import LycorisConfig
+    from .memory import preflight
     from .models import load_model
     from .training.dataset import DatasetSpec
     from .training.loop import TrainSpec, train
@@ -231,6 +271,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     check_output_file(args.out, "--out")
     config = LycorisConfig.from_file(args.config)  # before the model loads
+    if not args.no_preflight and Path(args.base).is_dir():  # before anything loads
+        print(preflight(_estimate(args, "train")).summary(), file=sys.stderr)
     model = load_model(args.base, dtype=args.dtype, device=args.device, **_base_files(args))
     dataset = DatasetSpec(
         folder=args.data,
@@ -375,7 +417,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
+    p.add_argument(
+        "--no-preflight", action="store_true", help="skip the memory estimate before loading"
+    )
+    p.add_argument(
+        "--free-gb", type=float, default=None, help="preflight: free memory (default: measured)"
+    )
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "estimate", help="memory a train (or --sample) run would need, before loading anything"
+    )
+    p.add_argument("--base", required=True, help="diffusers pipeline folder")
+    p.add_argument("--config", help="lycoris_config.json (training estimates)")
+    p.add_argument("--sample", action="store_true", help="estimate sampling instead of training")
+    p.add_argument("--resolution", type=int, default=512, help="training resolution")
+    p.add_argument("--width", type=int, default=None, help="sampling width (default resolution)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--guidance-batches", type=int, default=1, help="2 with CFG (SD/SDXL)")
+    p.add_argument("--optimizer", default="adamw", help="adamw, adamw8bit, prodigy, adafactor")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--max-sequence-length", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument(
+        "--free-gb", type=float, default=None, help="compare with this (default: free now)"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_estimate)
 
     from .demo import BASE_STEPS, DEMO_STEPS
 

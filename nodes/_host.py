@@ -237,6 +237,16 @@ def send_text(node_id: str | None, text: str) -> None:
         EVENTS.append(("text", {"node": node_id, "text": text}))
 
 
+# Outside ComfyUI: the free device memory the memory preflight compares with (tests set it;
+# None: measured on the device)
+PLAIN_FREE_MEMORY: int | None = None
+
+
+def free_memory_override() -> int | None:
+    """A free-memory figure for the memory preflight instead of the device's, or None."""
+    return None if IN_COMFY else PLAIN_FREE_MEMORY
+
+
 def free_host_memory() -> Callable[[], None] | None:
     """A function that asks ComfyUI to unload its models and empty its caches."""
     if not IN_COMFY:

@@ -10,6 +10,7 @@ import torch
 
 from ..lycoris_core.device import DTYPES, OFFLOAD_MODES
 from ..lycoris_core.limits import MAX_SAMPLING_STEPS, MAX_STRENGTH
+from ..lycoris_core.memory import Workload, estimate_memory, preflight
 from ..lycoris_core.models import from_pipeline, load_model, save_merged
 from ..lycoris_core.patching import MODES
 from ..lycoris_core.paths import output_child
@@ -187,6 +188,19 @@ def _sample_progress(model: ModelHandle, steps: int, node: str | None) -> Callab
     return on_step
 
 
+def _sample_preflight(
+    model: ModelHandle, width: int, height: int, batch: int, guidance: float, node: str | None
+) -> None:
+    """The memory estimate of a sampling run in the status line; refused if clearly too big."""
+    cfg = model.model.family.name != "flux" and guidance > 1.0  # Flux's guidance is distilled
+    work = Workload(
+        mode="sample", width=width, height=height, batch_size=batch, guidance_batches=1 + cfg
+    )
+    estimate = estimate_memory(model.model, work, free_bytes=_host.free_memory_override())
+    _host.send_text(node, estimate.summary())
+    preflight(estimate)
+
+
 class SampleLycoris(LycorisNode):
     DESCRIPTION = (
         "Sample images with the model and its LyCORIS stack. Returns ComfyUI IMAGEs (connect to "
@@ -285,6 +299,7 @@ class SampleLycoris(LycorisNode):
         batch_size: int,
         unique_id: str | None = None,
     ) -> tuple[Any]:
+        _sample_preflight(model, width, height, batch_size, guidance, unique_id)
         try:
             images = sample(
                 model.model,

@@ -12,6 +12,7 @@ import torch
 
 from ..lycoris_core import load_adapter, schema
 from ..lycoris_core.limits import MAX_STRENGTH
+from ..lycoris_core.memory import MemoryPreflightError
 from ..lycoris_core.paths import output_child
 from ..lycoris_core.plots import loss_curve_image, to_image_tensor
 from ..lycoris_core.training import DatasetSpec, TrainSpec, TrainStepInfo
@@ -257,6 +258,12 @@ class TrainLycoris(LycorisNode):
         if free is not None:
             free()
         model.model.restore_base()
+        try:  # the memory preflight: its figure in the status line; refused if clearly too big
+            estimate = job.preflight(_host.free_memory_override())
+        except MemoryPreflightError as exc:
+            _host.send_text(unique_id, str(exc).splitlines()[0])
+            raise
+        _host.send_text(unique_id, estimate.summary())
         try:
             result = job.run(on_step, _host.interrupted, on_validation)
         except _host.interrupt_exception():  # Cancel during a step: its checkpoint is saved

@@ -191,6 +191,14 @@ class TrainJob:
             check_resume(spec.resume, spec.config.to_dict())
         return cls(spec, fingerprint, reused)
 
+    def preflight(self, free_bytes: int | None = None) -> Any:
+        """The run's memory estimate (:mod:`lycoris_core.memory`); raises
+        :class:`~lycoris_core.memory.MemoryPreflightError` when it clearly does not fit.
+        `free_bytes`: compare with this instead of the device's free memory."""
+        from ..memory import estimate_training, preflight
+
+        return preflight(estimate_training(self.spec, free_bytes=free_bytes))
+
     def run(
         self,
         on_step: Callable[[TrainStepInfo], None] | None = None,

@@ -93,9 +93,11 @@ def train(
         denoiser.requires_grad_(False)
         net = create_network(denoiser, spec.config)
         try:
+            session.release_encoders()  # features cached first: encoders off the device
             loop = _Loop(session, net, start, on_step, should_stop, on_validation)
             return loop.run()
         finally:
+            session.restore_encoders()
             net.restore()
             denoiser.eval()
             if spec.gradient_checkpointing and hasattr(denoiser, "disable_gradient_checkpointing"):

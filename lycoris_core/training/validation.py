@@ -12,7 +12,7 @@ from .session import Session
 
 def validation_images(session: Session, net: Any, step: int) -> torch.Tensor:
     """Images ``[N, H, W, C]`` of the validation prompts at this step, also written as PNGs."""
-    from ..sampling import sample, sampling_multiple
+    from ..sampling import sampling_multiple
 
     spec = session.spec
     m = sampling_multiple(session.model)
@@ -21,27 +21,35 @@ def validation_images(session: Session, net: Any, step: int) -> torch.Tensor:
     net.eval()
     session.denoiser.eval()
     try:
-        images = torch.cat(
-            [
-                sample(
-                    session.model,
-                    [],
-                    prompt=prompt,
-                    steps=spec.validation_steps,
-                    seed=spec.validation_seed,
-                    width=side,
-                    height=side,
-                    max_sequence_length=spec.objective.max_sequence_length,
-                )
-                for prompt in spec.validation_prompts
-            ]
-        )
+        with session.encoders_on_device():  # the VAE and text encoders, if they were released
+            images = _images(session, side)
     finally:
         net.set_multiplier(spec.config.multiplier)
         net.train()
         session.denoiser.train(spec.gradient_checkpointing)
     _write_pngs(session, images, step)
     return images
+
+
+def _images(session: Session, side: int) -> torch.Tensor:
+    from ..sampling import sample
+
+    spec = session.spec
+    return torch.cat(
+        [
+            sample(
+                session.model,
+                [],
+                prompt=prompt,
+                steps=spec.validation_steps,
+                seed=spec.validation_seed,
+                width=side,
+                height=side,
+                max_sequence_length=spec.objective.max_sequence_length,
+            )
+            for prompt in spec.validation_prompts
+        ]
+    )
 
 
 def _write_pngs(session: Session, images: torch.Tensor, step: int) -> None:
