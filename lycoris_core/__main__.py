@@ -270,6 +270,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .training.objectives import ObjectiveOptions
 
     check_output_file(args.out, "--out")
+    if not str(args.out).endswith(".safetensors"):  # the spec says so too, but after the load
+        raise LycorisError(f"--out: output must be a .safetensors path, got {args.out!r}")
     config = LycorisConfig.from_file(args.config)  # before the model loads
     if not args.no_preflight and Path(args.base).is_dir():  # before anything loads
         print(preflight(_estimate(args, "train")).summary(), file=sys.stderr)

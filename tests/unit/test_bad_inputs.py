@@ -734,6 +734,13 @@ def _(w, work):
     return _train_argv(w, work, work / "x.bin")
 
 
+@row("cli-train-out-suffix-before-load", "cli", "errors.LycorisError", "output must be")
+def _(w, work):
+    argv = _train_argv(w, work, work / "x.bin")  # refused before the (missing) base loads
+    argv[argv.index("--base") + 1] = str(work / "no-such-model")
+    return argv
+
+
 @row("cli-make-tiny-not-empty", "cli", "errors.PathError", "already exists")
 def _(w, work):
     (work / "t").mkdir()
