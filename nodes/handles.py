@@ -44,13 +44,24 @@ class ModelHandle:
     """A base model and the adapters applied to it, each at its strength, in one mode."""
 
     model: LoadedModel
-    adapters: tuple[tuple[Adapter, float], ...] = ()
+    # (adapter, strength, text-encoder strength or None = the strength): lycoris_core entries
+    adapters: tuple[tuple[Adapter, float, float | None], ...] = ()
     mode: str = "merge"
 
-    def with_adapter(self, adapter: Adapter, strength: float, mode: str) -> ModelHandle:
+    def with_adapter(
+        self, adapter: Adapter, strength: float, mode: str, text_strength: float | None = None
+    ) -> ModelHandle:
         s = check_strength(strength, f"{adapter.name}: strength")  # a linked FLOAT is unchecked
-        return replace(self, adapters=(*self.adapters, (adapter, s)), mode=mode)
+        if text_strength is not None:
+            text_strength = check_strength(text_strength, f"{adapter.name}: strength_clip")
+        entry = (adapter, s, text_strength)
+        return replace(self, adapters=(*self.adapters, entry), mode=mode)
 
     def describe(self) -> str:
-        stack = ", ".join(f"{a.name}@{s:g}" for a, s in self.adapters) or "no adapters"
+        stack = ", ".join(_entry_text(a, s, t) for a, s, t in self.adapters) or "no adapters"
         return f"{self.model.source} ({self.model.family.name}; {stack}; {self.mode})"
+
+
+def _entry_text(adapter: Adapter, strength: float, text_strength: float | None) -> str:
+    clip = "" if text_strength is None or text_strength == strength else f"/{text_strength:g}"
+    return f"{adapter.name}@{strength:g}{clip}"

@@ -158,13 +158,30 @@ class ApplyLycoris(LycorisNode):
                         "tooltip": "merge: fastest sampling; dynamic: weights untouched (the whole stack uses the last mode chosen).",
                     },
                 ),
-            }
+            },
+            "optional": {
+                "strength_clip": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": -MAX_STRENGTH,
+                        "max": MAX_STRENGTH,
+                        "step": 0.01,
+                        "tooltip": "Strength of the file's text-encoder layers (kohya lora_te*, text_encoder*.), like ComfyUI's strength_clip. Files without such layers ignore it. A workflow saved before this input existed uses the strength.",
+                    },
+                ),
+            },
         }
 
     def run(
-        self, model: ModelHandle, adapter: Any, strength: float, mode: str
+        self,
+        model: ModelHandle,
+        adapter: Any,
+        strength: float,
+        mode: str,
+        strength_clip: float | None = None,
     ) -> tuple[ModelHandle]:
-        return (model.with_adapter(adapter, strength, mode),)
+        return (model.with_adapter(adapter, strength, mode, strength_clip),)
 
 
 def _sample_progress(model: ModelHandle, steps: int, node: str | None) -> Callable:
