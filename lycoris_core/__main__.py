@@ -81,6 +81,7 @@ def _base_files(args: argparse.Namespace) -> dict[str, Any]:
         "text_encoders": args.text_encoder,
         "vae": args.vae,
         "tokenizer_dirs": args.tokenizers,
+        "allow_download": args.allow_download,
         "fp8": args.fp8,
         "variant": args.variant,
         "prediction_type": args.prediction_type,
@@ -108,7 +109,13 @@ def _add_base_args(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="DIR",
         help="folder with tokenizers for single files (a diffusers folder of the model, or "
-        "ComfyUI's comfy/ folder); repeat",
+        "ComfyUI's comfy/ folder); repeat. Then the local Hugging Face cache is tried",
+    )
+    p.add_argument(
+        "--allow-download",
+        action="store_true",
+        help="fetch a tokenizer found in neither --tokenizers nor the HF cache from the hub "
+        "(tokenizer files only); without it nothing is downloaded",
     )
     p.add_argument("--fp8", choices=("keep", "upcast"), default="keep", help="fp8 weights")
     p.add_argument("--variant", help="override the detected variant (e.g. sd2, sd3.5-large)")

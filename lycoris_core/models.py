@@ -356,15 +356,17 @@ def load_model(
     fp8: str = "keep",
     variant: str | None = None,
     prediction_type: str | None = None,
+    allow_download: bool = False,
 ) -> LoadedModel:
     """Load a pipeline from a diffusers folder, or from single files.
 
     A single file with `config_dir` (a diffusers folder of the same model) loads through
     diffusers' ``from_single_file``; without it, through :mod:`lycoris_core.checkpoints`
     (a checkpoint, or a denoiser + `text_encoders` + `vae`, tokenizers from
-    `tokenizer_dirs`, fp8 kept or upcast, `variant` / `prediction_type` overrides).
-    `family` (optional) is checked against the detected family. Nothing is downloaded: a
-    missing file is an error naming the path.
+    `tokenizer_dirs` or the local HF cache, fp8 kept or upcast, `variant` /
+    `prediction_type` overrides). `family` (optional) is checked against the detected
+    family. Nothing is downloaded unless `allow_download` (then only missing tokenizer
+    files of a single file, from the hub): a missing file is an error naming the path.
     """
     src = Path(path)
     dev = resolve_device(device)
@@ -388,6 +390,7 @@ def load_model(
                 fp8=fp8,
                 variant=variant,
                 prediction_type=prediction_type,
+                allow_download=allow_download,
             )
     detected = detect_family(pipe)
     if family is not None and detected.name != family:

@@ -185,10 +185,13 @@ def build_pipeline(
     dtype: torch.dtype = torch.float32,
     fp8: str = "keep",
     config_overrides: dict[str, dict[str, Any]] | None = None,
+    allow_download: bool = False,
 ) -> Any:
     """The diffusers pipeline of `cs`, offline. `fp8`: "keep" (fp8 storage, compute in
     `dtype`) or "upcast" (cast to `dtype` while reading). `config_overrides`: per slot
-    (denoiser, vae, clip_l, clip_g, t5xxl) config entries replacing the derived ones."""
+    (denoiser, vae, clip_l, clip_g, t5xxl) config entries replacing the derived ones.
+    Tokenizers: `tokenizer_dirs`, then the local HF cache; with `allow_download` a missing
+    one is fetched from the hub into that cache (tokenizer files only)."""
     from diffusers import (
         FluxPipeline,
         StableDiffusion3Pipeline,
@@ -200,7 +203,7 @@ def build_pipeline(
     keep = fp8 == "keep"
     for slot in _TEXT_SLOTS[cs.family]:  # every tokenizer found before any weight is read
         if slot in cs.parts:
-            find_folder(cs.family, slot, dirs)
+            find_folder(cs.family, slot, dirs, allow_download=allow_download)
     comps: dict[str, Any] = {}
     for slot, (enc, tok_name, _) in _TEXT_SLOTS[cs.family].items():
         if slot in cs.parts:
@@ -241,6 +244,7 @@ def load_files(
     variant: str | None = None,
     prediction_type: str | None = None,
     config_overrides: dict[str, dict[str, Any]] | None = None,
+    allow_download: bool = False,
 ) -> tuple[Any, CheckpointSet]:
     """Inspect, check and build in one call: (pipeline, what was found)."""
     from ..errors import ModelLoadError
@@ -253,7 +257,12 @@ def load_files(
     )
     with _QuietCasts():
         pipe = build_pipeline(
-            found, tokenizer_dirs, dtype=dtype, fp8=fp8, config_overrides=config_overrides
+            found,
+            tokenizer_dirs,
+            dtype=dtype,
+            fp8=fp8,
+            config_overrides=config_overrides,
+            allow_download=allow_download,
         )
     return pipe, found
 

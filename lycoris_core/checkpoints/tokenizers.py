@@ -1,7 +1,9 @@
-"""Tokenizers for checkpoint files, from local folders only.
+"""Tokenizers for checkpoint files: local folders, the local Hugging Face cache, the hub.
 
 Single files carry no tokenizers. They come from the folders the caller gives, searched in
-order, per slot:
+order, per slot, then from the local Hugging Face cache (:mod:`.hub_tokenizers`: the
+standard tokenizer repo of the slot, read with ``local_files_only``), and from the hub only
+when the caller passes ``allow_download=True``. In a folder:
 
 * a diffusers pipeline layout: ``<dir>/tokenizer``, ``<dir>/tokenizer_2``, ``<dir>/tokenizer_3``
   (the slot's own subfolder, so a saved pipeline of the same model works as is);
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelLoadError
+from . import hub_tokenizers
 
 # per family: slot -> the diffusers tokenizer subfolder of that slot
 SUBFOLDERS: dict[str, dict[str, str]] = {
@@ -53,8 +56,11 @@ def _is_t5(d: Path) -> bool:
     return (d / "spiece.model").is_file() or _model_type(d) == "Unigram"
 
 
-def find_folder(family: str, slot: str, dirs: Sequence[Path]) -> tuple[Path, bool]:
-    """(folder, slot-specific) of the tokenizer for `slot`; a typed error when none."""
+def find_folder(
+    family: str, slot: str, dirs: Sequence[Path], *, allow_download: bool = False
+) -> tuple[Path, bool]:
+    """(folder, slot-specific) of the tokenizer for `slot`: the given folders, then the local
+    HF cache, then (only with `allow_download`) the hub; a typed error when none."""
     check = _is_t5 if slot == "t5xxl" else _is_clip
     shared = "text_encoders/t5_tokenizer" if slot == "t5xxl" else "sd1_tokenizer"
     for d in dirs:
@@ -64,6 +70,15 @@ def find_folder(family: str, slot: str, dirs: Sequence[Path]) -> tuple[Path, boo
         for cand in (d / shared, d / Path(shared).name, d):
             if cand.is_dir() and check(cand):
                 return cand, False
+    repo = hub_tokenizers.repo_for(family, slot)
+    cached = hub_tokenizers.from_cache(repo)
+    if cached is not None and check(cached):
+        return cached, repo.own
+    if allow_download:
+        got = hub_tokenizers.download(repo, slot)
+        if check(got):
+            return got, repo.own
+        raise ModelLoadError(f"{repo.repo_id}: the download holds no {slot} tokenizer in {got}")
     kind = (
         "T5 (tokenizer.json or spiece.model)"
         if slot == "t5xxl"
@@ -71,18 +86,23 @@ def find_folder(family: str, slot: str, dirs: Sequence[Path]) -> tuple[Path, boo
     )
     looked = ", ".join(str(d) for d in dirs) or "no folders given"
     raise ModelLoadError(
-        f"no {kind} tokenizer for the {slot} text encoder in: {looked}. Single files carry no "
-        "tokenizers: pass a folder holding one (--tokenizers DIR: a diffusers pipeline folder "
-        "of the same model, or ComfyUI's comfy/ folder with sd1_tokenizer and "
-        "text_encoders/t5_tokenizer)"
+        f"no {kind} tokenizer for the {slot} text encoder of this {family} file. Looked in: "
+        f"{looked}; the Hugging Face cache {hub_tokenizers.cache_dir()} (repo {repo.label}). "
+        "Single files carry no tokenizers. Fix: pass a folder holding one (--tokenizers DIR: "
+        "a diffusers pipeline folder of the same model, or ComfyUI's comfy/ folder with "
+        f"sd1_tokenizer and text_encoders/t5_tokenizer); or put {repo.repo_id} in the "
+        "Hugging Face cache (HF_HUB_CACHE / HF_HOME); or pass --allow-download "
+        "(allow_download=True) to fetch only its tokenizer files from the hub"
     )
 
 
-def load(family: str, slot: str, dirs: Sequence[Path], vocab_rows: int) -> Any:
+def load(
+    family: str, slot: str, dirs: Sequence[Path], vocab_rows: int, *, allow_download: bool = False
+) -> Any:
     """The tokenizer of `slot`, checked against the embedding rows of its text encoder."""
     from transformers import CLIPTokenizer, T5Tokenizer
 
-    folder, own = find_folder(family, slot, dirs)
+    folder, own = find_folder(family, slot, dirs, allow_download=allow_download)
     cls = T5Tokenizer if slot == "t5xxl" else CLIPTokenizer
     try:
         tok = cls.from_pretrained(str(folder), local_files_only=True)
