@@ -387,12 +387,14 @@ def save_tokenizers(pipe: Any, folder: Path) -> Path:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def offline() -> Iterator[None]:
+def offline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError(f"network access attempted: {args!r}")
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
+        # tokenizers fall back to the HF cache: an empty one, never the developer's own
+        mp.setenv("HF_HUB_CACHE", str(tmp_path_factory.mktemp("empty-hf-cache")))
         mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
         mp.setattr(socket.socket, "connect", refuse)
         mp.setattr(socket, "create_connection", refuse)
