@@ -32,6 +32,7 @@ from .layouts.names import (
     module_index,
     text_component,
 )
+from .quantization import weight_like, weight_shape
 
 if TYPE_CHECKING:
     from .adapters import Adapter, LayerAdapter
@@ -239,13 +240,11 @@ def _check_fits(
             )
         mods.append(mod)
     where = " + ".join(str(t) for t in targets)
-    if len(targets) == 1 and targets[0].plain:
-        weight = mods[0].weight
-    else:
-        weight = _fused_shape(name, layer, targets, mods)
+    plain = len(targets) == 1 and targets[0].plain
+    weight = weight_like(mods[0]) if plain else _fused_shape(name, layer, targets, mods)
     got = layer.algorithm.mismatch(layer, weight)
     if got is not None:
-        kind = "weight" if weight is mods[0].weight else "fused weight"
+        kind = "weight" if plain else "fused weight"
         raise AdapterFormatError(
             f"{name}: layer '{layer.name}' ({layer.algo}, {got}) does not fit '{where}' ({kind} "
             f"shape {tuple(weight.shape)}); the file was made for another model or size"
@@ -257,7 +256,7 @@ def _fused_shape(
     name: str, layer: LayerAdapter, targets: tuple[Target, ...], mods: list[nn.Module]
 ) -> torch.Tensor:
     """A meta tensor of the reassembled (foreign) weight's shape, after checking the rows."""
-    shapes = [tuple(m.weight.shape) for m in mods]
+    shapes = [tuple(weight_shape(m)) for m in mods]
     if len(mods) > 1 and not all(isinstance(m, nn.Linear) for m in mods):
         raise AdapterFormatError(
             f"{name}: layer '{layer.name}' is fused over non-Linear modules; not supported"
@@ -285,7 +284,7 @@ def _conform(layer: LayerAdapter, mod: nn.Module) -> LayerAdapter:
     """ComfyUI's trainer saves a conv LoRA's down factor 2-D (``[r, in*kh*kw]``): reshape it
     to the conv's kernel so dynamic mode can run it as a convolution."""
     down = layer.tensors.get(LORA_DOWN)
-    weight = mod.weight
+    weight = weight_like(mod)
     if down is None or down.dim() != 2 or weight.dim() <= 2:
         return layer
     if down.shape[1] != math.prod(weight.shape[1:]):

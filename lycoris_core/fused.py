@@ -22,6 +22,7 @@ from .algorithms import Contribution, delta
 from .algorithms._common import layer_op
 from .layouts import Target, apply_transform
 from .layouts.keys import BIAS_DIFF, LORA_DOWN, LORA_UP
+from .quantization import weight_like
 
 if TYPE_CHECKING:
     from .adapters import LayerAdapter
@@ -105,8 +106,9 @@ def bias_factory(db: torch.Tensor) -> Factory:
     """A contribution adding a fixed bias delta to the output."""
 
     def make(m: nn.Module) -> Contribution:
-        d = db.to(device=m.weight.device, dtype=m.weight.dtype)
-        conv = m.weight.dim() > 2
+        w = weight_like(m)
+        d = db.to(device=w.device, dtype=w.dtype)
+        conv = w.dim() > 2
         return lambda x, y0: d.view(1, -1, *([1] * (y0.dim() - 2))) if conv else d
 
     return make
@@ -116,7 +118,7 @@ def delta_factory(dw: torch.Tensor, db: torch.Tensor | None) -> Factory:
     """A contribution adding ``op(x, dW) + db`` (a materialised delta)."""
 
     def make(m: nn.Module) -> Contribution:
-        w = m.weight
+        w = weight_like(m)
         dwm = dw.to(device=w.device, dtype=w.dtype)
         dbm = None if db is None else db.to(device=w.device, dtype=w.dtype)
         op = layer_op(m)

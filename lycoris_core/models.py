@@ -23,11 +23,20 @@ import torch
 from torch import nn
 
 from .device import enable_tf32, place_pipeline, resolve_device, resolve_dtype
-from .errors import ModelLoadError
+from .errors import ConfigError, ModelLoadError
 from .families import FAMILIES, Family, detect_family, family_for_pipeline_class
 from .io import PICKLE_SUFFIXES, atomic_folder
 from .paths import check_output_folder
 from .pipeline_patch import Entry, PipelinePatch, patched_pipeline, pipeline_patch_key, split_entry
+from .quantization import (
+    PLAIN,
+    QUANTISED,
+    bitsandbytes,
+    check_precision,
+    model_precision,
+    quantise_pipeline,
+    quantiser_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +152,16 @@ class LoadedModel:
         size = int(size or 1024)
         m = self.size_multiple
         return max(m, size // m * m)
+
+    @property
+    def precision(self) -> str:
+        """The denoiser's base precision ("nf4", "int8", "fp8", or its dtype's name)."""
+        return model_precision(self.denoiser)
+
+    @property
+    def quantised(self) -> bool:
+        """Whether the denoiser has quantised layers (merges then run dynamically)."""
+        return self.precision in (*QUANTISED, "gguf")
 
     @property
     def active_patch(self) -> PipelinePatch | None:
@@ -314,6 +333,35 @@ def _components(pipe: Any) -> list[nn.Module]:
     return [c for c in getattr(pipe, "components", {}).values() if isinstance(c, nn.Module)]
 
 
+def _precision_dtype(base_precision: str, dtype: str | torch.dtype) -> str | torch.dtype:
+    """The compute dtype: a plain `base_precision` (fp32/bf16/fp16) is the dtype itself."""
+    check_precision(base_precision)
+    if base_precision not in PLAIN:
+        return dtype
+    if dtype not in ("auto", base_precision, PLAIN[base_precision]):
+        raise ConfigError(
+            f"base_precision {base_precision!r} and dtype {dtype!r} disagree; give one of them "
+            "(a plain base precision is the dtype)"
+        )
+    return base_precision
+
+
+def _quantise(pipe: Any, family: Family, precision: str, dt: torch.dtype, offload: str) -> str:
+    """Store the base at a quantised `precision` (nothing for plain ones); the storage text."""
+    if precision not in QUANTISED:
+        return ""
+    if offload != "none" and precision != "fp8":
+        raise ConfigError(
+            f"base_precision {precision!r} with offload {offload!r}: bitsandbytes layers do "
+            "not move between devices reliably; use offload 'none' (an nf4 base needs about "
+            "a quarter of the memory) or base_precision fp8"
+        )
+    converted = quantise_pipeline(pipe, family.denoiser, precision, dt)
+    parts = ", ".join(f"{c}: {n} layers" for c, n in converted.items())
+    compute = str(dt).removeprefix("torch.")
+    return f"{precision} ({quantiser_of(precision)}; {parts}), compute {compute}"
+
+
 def from_pipeline(
     pipe: Any,
     source: str,
@@ -321,10 +369,14 @@ def from_pipeline(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "auto",
     offload: str = "none",
+    base_precision: str = "auto",
 ) -> LoadedModel:
-    """Wrap a pipeline built in memory (e.g. a tiny demo model) like :func:`load_model` does."""
+    """Wrap a pipeline built in memory (e.g. a tiny demo model) like :func:`load_model` does.
+
+    `base_precision` (:data:`~lycoris_core.quantization.PRECISIONS`): fp8/int8/nf4 store the
+    denoiser's (and T5's) Linear weights quantised, computing in `dtype`, in place."""
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    dt = resolve_dtype(_precision_dtype(base_precision, dtype), dev)
     family = detect_family(pipe)
     # ComfyUI runs nodes under inference_mode, where a cast or a move makes inference
     # tensors, which cannot train: build, cast and place outside it, with normal tensors.
@@ -334,11 +386,18 @@ def from_pipeline(
         if dt != pipe.dtype:
             pipe.to(dtype=dt)
         place_pipeline(pipe, dev, offload)
+        storage = _quantise(pipe, family, base_precision, dt, offload)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     enable_tf32(dev)
     return LoadedModel(
-        pipe=pipe, family=family, source=source, device=dev, dtype=dt, offload=offload
+        pipe=pipe,
+        family=family,
+        source=source,
+        device=dev,
+        dtype=dt,
+        offload=offload,
+        storage=storage,
     )
 
 
@@ -357,6 +416,7 @@ def load_model(
     variant: str | None = None,
     prediction_type: str | None = None,
     allow_download: bool = False,
+    base_precision: str = "auto",
 ) -> LoadedModel:
     """Load a pipeline from a diffusers folder, or from single files.
 
@@ -367,9 +427,13 @@ def load_model(
     `prediction_type` overrides). `family` (optional) is checked against the detected
     family. Nothing is downloaded unless `allow_download` (then only missing tokenizer
     files of a single file, from the hub): a missing file is an error naming the path.
+    `base_precision`: see :func:`from_pipeline` (checked before anything loads).
     """
     src = Path(path)
     dev = resolve_device(device)
+    dtype = _precision_dtype(base_precision, dtype)
+    if base_precision in ("int8", "nf4"):
+        bitsandbytes()  # the install hint before anything loads
     dt = resolve_dtype(dtype, dev)
     cfg = Path(config_dir) if config_dir is not None else None
     if family is not None and family not in FAMILIES:
@@ -398,9 +462,12 @@ def load_model(
             f"{src}: is a {detected.label} model ('{detected.name}'), not '{family}'"
         )
     logger.info("loaded %s (%s) on %s as %s", src, detected.name, dev, dt)
-    model = from_pipeline(pipe, str(src), dtype=dt, device=dev, offload=offload)
+    model = from_pipeline(
+        pipe, str(src), dtype=dt, device=dev, offload=offload, base_precision=base_precision
+    )
     if found is not None:
-        model.storage, model.description = found.storage, found.describe()
+        model.storage = model.storage or found.storage
+        model.description = found.describe()
     return model
 
 
@@ -416,6 +483,11 @@ def save_merged(
     anything is merged).
     """
     check_output_folder(out_dir, "merged model folder")
+    if model.quantised:
+        raise ConfigError(
+            f"save_merged: the base is stored {model.precision}, and a merge into it cannot be "
+            "exact; load the base with base_precision bf16/fp32 (or dtype) to save a merged copy"
+        )
     with model._lock:
         model.restore_base()
         merged = patched_pipeline(model.pipe, adapters, mode="merge")

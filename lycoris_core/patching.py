@@ -10,7 +10,7 @@ is what chaining lycoris modules does. Strength 0 skips an adapter entirely.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Literal
 
@@ -32,6 +32,7 @@ from .fused import (
 )
 from .layouts import Target
 from .limits import check_strength
+from .quantization import base_bias, base_weight, effective_mode, weight_like
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,27 @@ def patch_key(adapters: Sequence[tuple[Adapter, float]], mode: str = "merge") ->
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise LycorisError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+
+
+class BaseWeights(Mapping[str, tuple[torch.Tensor, torch.Tensor | None]]):
+    """Module path -> (weight, bias) of the base layers a patch reads, on demand: a quantised
+    layer's weight is dequantised when it is read (never all of them at once)."""
+
+    def __init__(self, module: nn.Module, paths: Collection[str]) -> None:
+        self.module, self.paths = module, list(paths)
+
+    def __getitem__(self, path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if path not in self.paths:
+            raise KeyError(path)
+        mod = self.module.get_submodule(path)
+        bias = base_bias(mod)
+        return base_weight(mod).detach(), None if bias is None else bias.detach()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
 
 
 class Patch:
@@ -103,6 +125,8 @@ class Patch:
                 self._entries.append((layer, s, targets))
                 for t in targets:
                     self.plan.setdefault(t.path, []).append((layer, s))
+        # the mode that runs: a merge into quantised layers cannot be exact, so it runs dynamic
+        self.applied_mode = effective_mode(module, mode, self.plan)
         self._key: PatchKey | None = None
         self._backup: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -126,7 +150,7 @@ class Patch:
             raise LycorisError("this patch is already applied; restore() it first")
         self.applied = True
         try:
-            if self.mode == "merge":
+            if self.applied_mode == "merge":
                 self._merge()
             else:
                 self._hook()
@@ -134,13 +158,8 @@ class Patch:
             self.restore()
             raise
 
-    def _base(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        out = {}
-        for path in self.plan:
-            mod = self.module.get_submodule(path)
-            bias = getattr(mod, "bias", None)
-            out[path] = (mod.weight.detach(), None if bias is None else bias.detach())
-        return out
+    def _base(self) -> BaseWeights:
+        return BaseWeights(self.module, self.plan)
 
     def _merge(self) -> None:
         # Every delta is computed from the base weights first (a fused layer reads several
@@ -196,8 +215,9 @@ class Patch:
             for path, part in parts.items():
                 fs = out.setdefault(path, [])
                 fs.append(lambda m, part=part, s=s: dynamic_contribution(part, m, s))
-                db = extra_bias(part, s, base[path][0])
-                if db is not None and base[path][1] is not None:
+                mod = self.module.get_submodule(path)
+                db = extra_bias(part, s, weight_like(mod))
+                if db is not None and getattr(mod, "bias", None) is not None:
                     fs.append(bias_factory(db))
         return out
 
@@ -205,7 +225,7 @@ class Patch:
         for path, factories in self._factories().items():
             mod = self.module.get_submodule(path)
             # prepared per device: offloading hooks may run the layer on another device
-            prepared = {mod.weight.device: [make(mod) for make in factories]}
+            prepared = {weight_like(mod).device: [make(mod) for make in factories]}
 
             def hook(
                 m: nn.Module,

@@ -29,6 +29,7 @@ from torch import nn
 
 from .config import LycorisConfig
 from .errors import IncompatibleModelError
+from .quantization import is_quantised_linear, model_precision, quantised_layers
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,10 @@ CLASS_ALIASES: dict[str, ClassAlias] = {
         "diffusers attention classes (Attention and every AttentionModuleMixin class, "
         "e.g. FluxAttention in diffusers >= 0.35)",
         _is_diffusers_attention,
+    ),
+    "Linear": ClassAlias(
+        "Linear layers of a quantised base (bitsandbytes Linear8bitLt / Linear4bit, GGUF)",
+        lambda m: type(m) is nn.Linear or is_quantised_linear(m),
     ),
 }
 
@@ -279,13 +284,47 @@ def coverage(module: nn.Module, config: LycorisConfig) -> Coverage:
     return cov
 
 
+def quantised_base_refusal(config: LycorisConfig, precision: str) -> str | None:
+    """Why `config` cannot train over a base stored at `precision` (fp8/int8/nf4), or None.
+
+    lycoris trains over quantised layers in bypass mode only (``base(x) + adapter(x)``):
+    ``full`` replaces the weight itself (lycoris refuses it on quantised layers), and the
+    bypass forward leaves out DoRA's weight norm, so DoRA would train something else."""
+    kw = config.network_kwargs()
+    maps = (config.apply_preset or {}).get("module_algo_map", {}) | (config.apply_preset or {}).get(
+        "name_algo_map", {}
+    )
+    entries = [kw, *(v for v in maps.values() if isinstance(v, dict))]
+    if any(e.get("algo", e.get("network_module")) == "full" for e in entries):
+        return (
+            f"algo 'full' trains the whole weight, which a {precision} base does not store in "
+            "full precision; use lora/lokr/loha, or base_precision bf16/fp32"
+        )
+    if any(e.get("weight_decompose") or e.get("dora_wd") for e in entries):
+        return (
+            f"DoRA (weight_decompose / dora_wd) needs the base weight's norm in every forward; "
+            f"lycoris' bypass forward over a {precision} base leaves it out, so the result would "
+            "not be DoRA; turn weight_decompose off, or use base_precision bf16/fp32"
+        )
+    return None
+
+
 def create_network(module: nn.Module, config: LycorisConfig) -> Any:
     """A ``lycoris.LycorisNetwork`` for `module`, applied (``apply_to``) and ready to train.
 
     The preset is isolated (see module docstring); target aliases are resolved; a config
-    that wraps nothing raises :class:`IncompatibleModelError`.
+    that wraps nothing raises :class:`IncompatibleModelError`. Over a quantised base
+    (fp8/int8/nf4 layers) the network runs in bypass mode, or the config is refused
+    (:func:`quantised_base_refusal`).
     """
     preset, cov = resolve_preset(module, config)
+    quantised = quantised_layers(module)
+    if quantised:
+        precision = model_precision(module)
+        why = quantised_base_refusal(config, precision)
+        if why is not None:
+            raise IncompatibleModelError(f"{config.source or 'lycoris config'}: {why}")
+        config = config.with_overrides(bypass_mode=True)
     net = _build(module, config, preset)
     if not net.loras:
         src = f"{config.source}: " if config.source else ""

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
+from ..quantization import base_bias, base_weight
 from ._common import LINEAR_AND_CONV, Contribution, layer_op
 
 
@@ -136,7 +137,7 @@ class Algorithm(ABC):
 
     def precomputed(self, layer: Layer, module: nn.Module, strength: float) -> Contribution:
         """Dynamic mode via the delta weight, computed once: the forward adds op(x, dW)."""
-        w, b = module.weight, getattr(module, "bias", None)
+        w, b = base_weight(module), base_bias(module)
         dw, db = self.delta(layer, w, b, strength)
         dw = dw.to(w.dtype)
         db = None if db is None else db.to(w.dtype)

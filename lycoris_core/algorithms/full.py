@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..quantization import base_bias, weight_like
 from ._common import Contribution, cast, f32, layer_op
 from .base import Algorithm, Layer, agree, shape_or_none
 
@@ -65,7 +66,7 @@ class Full(Algorithm):
         return acc.add_(diff, alpha=s), db
 
     def bypass(self, layer: Layer, module: nn.Module, strength: float) -> Contribution | None:
-        t, w, bias = layer.tensors, module.weight, getattr(module, "bias", None)
+        t, w, bias = layer.tensors, weight_like(module), base_bias(module)
         dw = cast(t[DIFF], w, strength).reshape(w.shape)
         db = None if bias is None or DIFF_B not in t else cast(t[DIFF_B], w, strength)
         op = layer_op(module)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..quantization import base_bias, weight_like
 from ._common import Contribution, bias_view, cast, f32, is_conv
 from .base import Algorithm, Layer, shape_or_none
 
@@ -49,7 +50,7 @@ class IA3Scaling(Algorithm):
     def bypass(self, layer: Layer, module: nn.Module, strength: float) -> Contribution | None:
         if _on_input(layer):
             return None
-        w, bias, conv = module.weight, getattr(module, "bias", None), is_conv(module)
+        w, bias, conv = weight_like(module), base_bias(module), is_conv(module)
         vec = cast(layer.tensors[VECTOR].reshape(-1), w, strength)
         view = (-1, *([1] * (w.dim() - 2))) if conv else (-1,)
 

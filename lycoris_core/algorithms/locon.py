@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quantization import weight_like
 from ._common import Contribution, cast, f32, is_conv, layer_op, plain_conv
 from .base import Layer, LowRank, agree, shape_or_none
 from .dora import DORA
@@ -76,7 +77,7 @@ class LoCon(LowRank):
         return acc, None
 
     def bypass(self, layer: Layer, module: nn.Module, strength: float) -> Contribution | None:
-        t, w = layer.tensors, module.weight
+        t, w = layer.tensors, weight_like(module)
         down = cast(t[DOWN], w)
         up = cast(t[UP], w, self.scale(layer) * strength)
         up = up.reshape(up.shape[0], up.shape[1], *([1] * (w.dim() - 2)))  # DyLoRA saves 2D

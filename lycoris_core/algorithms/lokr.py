@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..quantization import weight_like
 from ._common import Contribution, cast, f32, is_conv
 from .base import Layer, LowRank, agree, shape_or_none
 from .dora import DORA
@@ -126,7 +127,7 @@ class LoKr(LowRank):
     def bypass(self, layer: Layer, module: nn.Module, strength: float) -> Contribution | None:
         if is_conv(module):
             return None
-        t, w = layer.tensors, module.weight
+        t, w = layer.tensors, weight_like(module)
         scale = self.scale(layer) * strength
         w1 = cast(t[W1] if W1 in t else t[W1A].float() @ t[W1B].float(), w, scale)
         n_in = w1.shape[1]

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..quantization import base_bias, weight_like
 from ._common import Contribution, bias_view, cast, channel_back, channel_last, f32, is_conv
 from .base import Algorithm, Layer, agree, shape_or_none
 
@@ -81,7 +82,7 @@ class DiagOFT(_OFT):
         return rotated - w, None
 
     def bypass(self, layer: Layer, module: nn.Module, strength: float) -> Contribution | None:
-        t, w, bias = layer.tensors, module.weight, getattr(module, "bias", None)
+        t, w, bias = layer.tensors, weight_like(module), base_bias(module)
         conv = is_conv(module)
         m = self.matrix(layer, strength, w.device).to(w.dtype)
         k, n = m.shape[0], m.shape[1]
@@ -120,7 +121,7 @@ class ButterflyOFT(_OFT):
     def bypass(self, layer: Layer, module: nn.Module, strength: float) -> Contribution | None:
         from lycoris.functional import boft
 
-        t, dev, bias = layer.tensors, module.weight.device, getattr(module, "bias", None)
+        t, dev, bias = layer.tensors, weight_like(module).device, base_bias(module)
         conv = is_conv(module)
         blocks = f32(t[BLOCKS], dev)
         rescale = f32(t.get(RESCALE), dev)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AdapterFormatError
+from ..quantization import base_weight
 from ._common import Contribution, cast, f32, is_conv
 from .base import Layer, LowRank, agree, shape_or_none
 
@@ -97,7 +98,7 @@ class TLoRA(LowRank):
     def bypass(self, layer: Layer, module: nn.Module, strength: float) -> Contribution | None:
         if is_conv(module):
             return None
-        t, w = layer.tensors, module.weight
+        t, w = layer.tensors, base_weight(module)  # the SVD reads the values
         q0, p0, lam0 = tlora_base(layer, w)
         k = self.scale(layer) * strength
         q, p = cast(t[Q], w), cast(t[P], w, k)

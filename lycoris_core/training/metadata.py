@@ -18,6 +18,7 @@ from typing import Any
 
 from ..config import LycorisConfig
 from ..families import Family
+from ..quantization import quantiser_of
 
 ARCHITECTURES = {
     "sd15": "stable-diffusion-v1",
@@ -54,8 +55,12 @@ def adapter_metadata(
     dataset_hash: str,
     spec: dict[str, Any],
     prediction_type: str | None = None,
+    base_precision: str = "fp32",
 ) -> dict[str, str]:
-    """String metadata for a saved adapter (safetensors metadata values are strings)."""
+    """String metadata for a saved adapter (safetensors metadata values are strings).
+
+    `base_precision`: how the base was stored while it trained (``nf4``, ``fp8``, ``bf16``,
+    ...); recorded with the quantiser that stored it."""
     cfg = config.to_dict()
     args = {k: v for k, v in cfg.items() if k not in ("multiplier", "linear_dim", "linear_alpha")}
     from .. import __version__
@@ -88,6 +93,8 @@ def adapter_metadata(
             }
         ),
         "comfyui_lycoris.training_spec": json.dumps(spec, default=str),
+        "comfyui_lycoris.base_precision": base_precision,
+        "comfyui_lycoris.quantiser": quantiser_of(base_precision),
     }
     if prediction_type:
         meta["modelspec.prediction_type"] = prediction_type

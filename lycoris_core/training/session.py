@@ -27,7 +27,7 @@ from .dataset import FeatureCache, TrainingData
 from .engine import launched_distributed, new_accelerator
 from .metadata import adapter_metadata, denoiser_config_hash
 from .objectives import Objective
-from .spec import TrainSpec, training_dataset
+from .spec import TrainSpec, check_loaded_precision, training_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +55,14 @@ class Session:
         self.model = (
             spec.base
             if isinstance(spec.base, LoadedModel)
-            else load_model(spec.base, config_dir=spec.config_dir, device=device)
+            else load_model(
+                spec.base,
+                config_dir=spec.config_dir,
+                device=device,
+                base_precision=spec.base_precision,
+            )
         )
+        check_loaded_precision(self.model, spec.base_precision)
         require_trainable(self.model.family)
         self.model.restore_base()
         as_normal_tensors(self.model.denoiser)  # weights loaded under inference_mode
@@ -75,7 +81,10 @@ class Session:
                 "leave it None and the loop loads 'dataset' itself"
             )
         self.objective = Objective(self.model.pipe, self.family, spec.objective)
-        model_id = text_hash(self.model.source + denoiser_config_hash(self.denoiser))
+        # quantised text encoders give other embeddings: the caches key on the storage too
+        model_id = text_hash(
+            self.model.source + denoiser_config_hash(self.denoiser) + self.model.storage
+        )
         cache_dir = spec.dataset.cache_dir
         self.latent_cache = FeatureCache(cache_dir, f"latents-{model_id}-{ds.resolution}")
         self.text_cache = FeatureCache(
@@ -206,4 +215,5 @@ class Session:
             dataset_hash=self.data.fingerprint(),
             spec=spec.to_dict(),
             prediction_type=self.objective.prediction,
+            base_precision=self.model.precision,
         )

@@ -16,10 +16,12 @@ import torch
 
 from ..adapters import Adapter
 from ..config import LycorisConfig
-from ..errors import LycorisError, PathError
+from ..errors import IncompatibleModelError, LycorisError, PathError
 from ..limits import check_strength
 from ..models import LoadedModel
 from ..paths import check_output_file
+from ..quantization import QUANTISED, check_precision
+from ..targeting import quantised_base_refusal
 from .dataset import DatasetSpec, TrainingData
 from .objectives import ObjectiveOptions
 
@@ -60,6 +62,9 @@ class TrainSpec:
     objective: ObjectiveOptions = field(default_factory=ObjectiveOptions)
     save_dtype: str = "fp32"
     config_dir: str | None = None  # for a single-file `base`
+    # how the frozen base is stored (quantization.PRECISIONS); applied when `base` is a path,
+    # checked against a loaded model; fp8/int8/nf4 train in lycoris' bypass mode
+    base_precision: str = "auto"
     # `dataset` already loaded as the loop reads it (see `training_dataset`), or None
     data: TrainingData | None = field(default=None, repr=False, compare=False)
 
@@ -91,6 +96,14 @@ class TrainSpec:
             f"output must be a .safetensors path, got {self.output!r}",
         )
         check_strength(self.validation_lycoris_strength, "validation_lycoris_strength")
+        check_precision(self.base_precision, "training spec: base_precision")
+        precision = self.base_precision
+        if isinstance(self.base, LoadedModel) and precision == "auto":
+            precision = self.base.precision
+        if precision in QUANTISED:
+            why = quantised_base_refusal(self.config, precision)
+            if why is not None:
+                raise IncompatibleModelError(f"training spec: {why}")
         self.check_outputs()
 
     def check_outputs(self) -> None:
@@ -163,3 +176,13 @@ class TrainResult:
 def training_dataset(dataset: DatasetSpec, model: LoadedModel) -> DatasetSpec:
     """`dataset` as the loop reads it: the model's bucket step; flips are drawn per sample."""
     return dataclasses.replace(dataset, flip=False, bucket_step=model.size_multiple)
+
+
+def check_loaded_precision(model: LoadedModel, wanted: str) -> None:
+    """A loaded base must already be at the spec's `wanted` precision ("auto": any)."""
+    if wanted not in ("auto", model.precision):
+        raise LycorisError(
+            f"training spec: base_precision is {wanted!r} but the loaded base is stored "
+            f"{model.precision!r}; set the precision where the base is loaded (the Load node's "
+            "base_precision, load_model(base_precision=...)) or leave it 'auto'"
+        )

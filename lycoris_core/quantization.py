@@ -1,0 +1,296 @@
+"""Base precision: how the frozen base weights are stored while LyCORIS trains or samples on them.
+
+``base_precision`` (a load option, also of :class:`~lycoris_core.training.TrainSpec`):
+
+* ``auto``: as loaded (a single file's own storage, e.g. fp8 kept fp8); ``fp32`` / ``bf16`` /
+  ``fp16``: plain dtypes (the compute dtype of the model);
+* ``fp8``: every Linear/Conv weight of the denoiser (and of T5) stored as ``float8_e4m3fn``,
+  computed in the model's dtype: diffusers' layerwise casting hook
+  (``diffusers.hooks.layerwise_casting``), the mechanism ComfyUI users know as
+  ``weight_dtype fp8_e4m3fn``;
+* ``int8`` / ``nf4``: every Linear replaced by bitsandbytes' ``Linear8bitLt`` (LLM.int8,
+  per-row absmax) or ``Linear4bit`` (4-bit NormalFloat in blocks of 64, the block scales
+  quantised again: QLoRA's recipe), computing in the model's dtype.
+
+Why bitsandbytes: it runs on the CPU (its native torch paths since 0.45) and on CUDA, is
+maintained, is what diffusers' ``BitsAndBytesConfig`` uses, and lycoris recognises its layers
+(it forces bypass mode on them). diffusers' own loader path needs a GPU (``No GPU found``), so
+the layers are converted here, one at a time, after loading. torchao's NF4 is a tensor
+subclass that lycoris does not detect, and optimum-quanto has no NF4.
+
+A quantised layer cannot take an exact merge (dequantise, add, requantise rounds): LyCORIS
+trains over it in bypass mode (``y = base(x) + adapter(x)``), and files apply to it dynamically
+(:func:`effective_mode`). :func:`base_weight` dequantises a layer's weight for the few
+algorithms whose change depends on the weight.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+PLAIN = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUANTISED = ("fp8", "int8", "nf4")
+PRECISIONS = ("auto", *PLAIN, *QUANTISED)
+FP8_STORAGE = torch.float8_e4m3fn
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+_CASTING_HOOK = "layerwise_casting"  # diffusers.hooks.layerwise_casting's registry name
+# Text encoders that take the base precision too (the big ones: T5-XXL is 4.7B parameters);
+# CLIP stays as loaded (0.1-0.7B, and its pooled output is sensitive to rounding).
+QUANTISED_ENCODERS = ("T5EncoderModel",)
+
+
+def check_precision(value: object, field: str = "base_precision") -> str:
+    """`value` if it is one of :data:`PRECISIONS`, else a :class:`ConfigError` naming `field`."""
+    if value not in PRECISIONS:
+        raise ConfigError(f"{field} must be one of {', '.join(PRECISIONS)}, got {value!r}")
+    return str(value)
+
+
+def bitsandbytes() -> Any:
+    """The ``bitsandbytes`` module, or a :class:`ModelLoadError` saying how to install it."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ModelLoadError(
+            "base_precision int8/nf4 needs the bitsandbytes package: pip install bitsandbytes "
+            "(or choose fp8, which needs nothing more)"
+        ) from None
+    return bnb
+
+
+def quantiser_of(precision: str) -> str:
+    """What stores the weights at `precision`, with its version (for file metadata)."""
+    if precision in ("int8", "nf4"):
+        return f"bitsandbytes {bitsandbytes().__version__}"
+    if precision == "fp8":
+        import diffusers
+
+        return f"diffusers {diffusers.__version__} layerwise casting"
+    return "none"
+
+
+# --------------------------------------------------------------------------- what a layer is
+
+
+def _casting_hook(module: nn.Module) -> Any:
+    registry = getattr(module, "_diffusers_hook", None)
+    return None if registry is None else registry.get_hook(_CASTING_HOOK)
+
+
+def layer_precision(module: nn.Module) -> str | None:
+    """ "nf4", "int8", "fp8" (fp8 storage) or "gguf" for a quantised layer, else None."""
+    name = type(module).__name__
+    if name in ("Linear4bit", "LinearNF4", "LinearFP4"):
+        return "nf4" if getattr(module.weight, "quant_type", "nf4") == "nf4" else "fp4"
+    if name == "Linear8bitLt":
+        return "int8"
+    if name == "GGUFLinear":
+        return "gguf"
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dtype in _FP8:
+        return "fp8"
+    return None
+
+
+def is_quantised_linear(module: nn.Module) -> bool:
+    """A Linear replaced by a quantised class (bitsandbytes, GGUF): what targets ``Linear``."""
+    return layer_precision(module) in ("nf4", "fp4", "int8", "gguf")
+
+
+def quantised_layers(module: nn.Module) -> dict[str, str]:
+    """Module path -> precision of every quantised layer under `module`."""
+    out = {}
+    for name, sub in module.named_modules():
+        kind = layer_precision(sub)
+        if kind is not None:
+            out[name] = kind
+    return out
+
+
+def model_precision(module: nn.Module) -> str:
+    """The base precision `module` carries: the quantised kind of most of its quantised
+    layers, else its parameters' dtype name ("fp32", "bf16", "fp16")."""
+    kinds = quantised_layers(module)
+    if kinds:
+        values = list(kinds.values())
+        return max(set(values), key=values.count)
+    dtype = next((p.dtype for p in module.parameters()), torch.float32)
+    return next((k for k, v in PLAIN.items() if v == dtype), str(dtype))
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a layer computes in (its weight's dtype unless it stores another)."""
+    hook = _casting_hook(module)
+    if hook is not None:
+        return hook.compute_dtype
+    kind = layer_precision(module)
+    if kind in ("nf4", "fp4"):
+        state = getattr(module.weight, "quant_state", None)
+        return getattr(module, "compute_dtype", None) or getattr(state, "dtype", torch.float32)
+    if kind in ("int8", "gguf"):
+        bias = getattr(module, "bias", None)
+        return getattr(module, "compute_dtype", None) or (
+            bias.dtype if bias is not None else torch.float32
+        )
+    return module.weight.dtype
+
+
+def weight_shape(module: nn.Module) -> torch.Size:
+    """The logical shape of a layer's weight (a packed 4-bit weight is stored [n, 1])."""
+    kind = layer_precision(module)
+    if kind in ("nf4", "fp4", "gguf"):
+        return torch.Size((module.out_features, module.in_features))
+    return module.weight.shape
+
+
+def weight_like(module: nn.Module) -> torch.Tensor:
+    """A stand-in with the weight's logical shape, compute dtype and device, for code that
+    reads only those: the weight itself for a plain layer, else a 1-element expanded tensor."""
+    if layer_precision(module) is None:
+        return module.weight
+    w = module.weight
+    return torch.zeros((), dtype=compute_dtype(module), device=w.device).expand(
+        weight_shape(module)
+    )
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """The layer's weight values in its compute dtype: the weight itself for a plain layer,
+    a dequantised copy for a quantised one."""
+    kind = layer_precision(module)
+    w = module.weight
+    if kind is None:
+        return w
+    dtype = compute_dtype(module)
+    if kind == "fp8":
+        return w.detach().to(dtype)
+    if kind in ("nf4", "fp4"):
+        bnb = bitsandbytes()
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state).to(dtype)
+    if kind == "int8":
+        bnb = bitsandbytes()
+        # the row scales move from the weight to the layer's state at its first forward
+        scales = w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB
+        return bnb.functional.int8_vectorwise_dequant(w.data, scales).to(dtype)
+    from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+
+    return dequantize_gguf_tensor(w).to(dtype)
+
+
+def base_bias(module: nn.Module) -> torch.Tensor | None:
+    """The layer's bias in its compute dtype (fp8 storage keeps the bias in fp8 too)."""
+    bias = getattr(module, "bias", None)
+    if bias is None or bias.dtype not in _FP8:
+        return bias
+    return bias.detach().to(compute_dtype(module))
+
+
+# --------------------------------------------------------------------------- converting
+
+
+def quantise_module(
+    module: nn.Module, precision: str, dtype: torch.dtype, skip: tuple[str, ...] = ()
+) -> int:
+    """Store `module`'s Linear (and, for fp8, Conv) weights at `precision`, computing in
+    `dtype`, in place; returns how many layers were converted. Layers already quantised and
+    names matching a `skip` pattern (regular expressions) are left as they are; plain
+    precisions convert nothing."""
+    if precision not in QUANTISED:
+        return 0
+    skipped = [re.compile(p) for p in skip]
+    done = 0
+    with torch.no_grad(), torch.inference_mode(False):
+        for parent_name, parent in list(module.named_modules()):
+            for name, child in list(parent.named_children()):
+                path = f"{parent_name}.{name}" if parent_name else name
+                if layer_precision(child) is not None or any(p.search(path) for p in skipped):
+                    continue
+                if precision == "fp8" and type(child) in (nn.Linear, nn.Conv1d, nn.Conv2d):
+                    from diffusers.hooks.layerwise_casting import apply_layerwise_casting_hook
+
+                    apply_layerwise_casting_hook(child, FP8_STORAGE, dtype, non_blocking=False)
+                elif precision != "fp8" and type(child) is nn.Linear:
+                    setattr(parent, name, _bnb_linear(child, precision, dtype))
+                else:
+                    continue
+                done += 1
+    return done
+
+
+def _bnb_linear(linear: nn.Linear, precision: str, dtype: torch.dtype) -> nn.Module:
+    """A bitsandbytes layer holding `linear`'s weight quantised (on its device)."""
+    bnb = bitsandbytes()
+    device = linear.weight.device
+    bias = linear.bias is not None
+    if precision == "nf4":
+        q = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=bias,
+            compute_dtype=dtype,
+            compress_statistics=True,
+            quant_type="nf4",
+            device="meta",
+        )
+        q.weight = bnb.nn.Params4bit(
+            linear.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"
+        )
+    else:
+        q = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
+            device="meta",
+        )  # fmt: skip
+        # Int8Params quantises when it moves off the CPU (or onto it from there)
+        q.weight = bnb.nn.Int8Params(
+            linear.weight.data.cpu(), requires_grad=False, has_fp16_weights=False
+        )
+    if bias:
+        q.bias = nn.Parameter(linear.bias.data.to(dtype), requires_grad=False)
+    q = q.to(device)
+    q.train(linear.training)
+    return q
+
+
+def quantise_pipeline(pipe: Any, denoiser: str, precision: str, dtype: torch.dtype) -> dict:
+    """Store the denoiser and the T5 text encoders of `pipe` at `precision`; returns
+    component -> layers converted (empty for plain precisions)."""
+    if precision not in QUANTISED:
+        return {}
+    if precision in ("int8", "nf4"):
+        bitsandbytes()  # the install hint before anything changes
+    out = {}
+    for name, component in getattr(pipe, "components", {}).items():
+        if not isinstance(component, nn.Module):
+            continue
+        if name == denoiser or type(component).__name__ in QUANTISED_ENCODERS:
+            out[name] = quantise_module(component, precision, dtype)
+    logger.info("base precision %s: %s", precision, out)
+    return out
+
+
+def effective_mode(module: nn.Module, mode: str, paths: Any = None) -> str:
+    """`mode`, or "dynamic" (with a one-line note) when a merge would touch quantised layers
+    of `module` (`paths`: the layers it would change; default: any)."""
+    if mode != "merge":
+        return mode
+    kinds = quantised_layers(module)
+    touched = kinds if paths is None else {p: kinds[p] for p in paths if p in kinds}
+    if not touched:
+        return mode
+    precision = sorted(set(touched.values()))
+    logger.warning(
+        "merge on a %s base cannot be exact (dequantise + add + requantise rounds): applying "
+        "the adapters dynamically to %d quantised layers",
+        "/".join(precision),
+        len(touched),
+    )
+    return "dynamic"
