@@ -6,8 +6,9 @@ and exit with status 2; anything else is a bug and keeps its traceback. Output p
 checked before any model loads or any work starts.
 
 Modules: :mod:`.parser` (every sub-command's arguments), :mod:`.files` (make-tiny, inspect,
-convert), :mod:`.sample`, :mod:`.train` (train, demo) and :mod:`.estimate`. Each command
-imports what it needs when it runs, so ``--help`` and argument errors load no model code.
+convert), :mod:`.sample`, :mod:`.train` (train, demo) and :mod:`.estimate`. Importing this
+package does not import torch; building the parser does (the convert layouts and the demo's
+defaults come from modules that need it), and each command imports the rest when it runs.
 """
 
 from __future__ import annotations
