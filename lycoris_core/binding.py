@@ -50,7 +50,8 @@ class Binding(Mapping):
     component: str
     model: str  # "an SDXL UNet", ...
     targets: dict[str, tuple[Target, ...]] = field(default_factory=dict)
-    layers: dict[str, LayerAdapter] = field(default_factory=dict)  # as applied (see _conform)
+    # as applied (conv factors reshaped by conform_conv_factors)
+    layers: dict[str, LayerAdapter] = field(default_factory=dict)
     layouts: dict[str, int] = field(default_factory=dict)  # detected layout -> layers
     unmatched: list[str] = field(default_factory=list)
     elsewhere: dict[str, list[str]] = field(default_factory=dict)  # component -> layer names
@@ -249,7 +250,7 @@ def _check_fits(
             f"{name}: layer '{layer.name}' ({layer.algo}, {got}) does not fit '{where}' ({kind} "
             f"shape {tuple(weight.shape)}); the file was made for another model or size"
         )
-    return _conform(layer, mods[0]) if len(mods) == 1 else layer
+    return conform_conv_factors(layer, mods[0]) if len(mods) == 1 else layer
 
 
 def _fused_shape(
@@ -280,9 +281,14 @@ def _fused_shape(
     return torch.empty((start, *shapes[0][1:]), device="meta")
 
 
-def _conform(layer: LayerAdapter, mod: nn.Module) -> LayerAdapter:
-    """ComfyUI's trainer saves a conv LoRA's down factor 2-D (``[r, in*kh*kw]``): reshape it
-    to the conv's kernel so dynamic mode can run it as a convolution."""
+def conform_conv_factors(layer: LayerAdapter, mod: nn.Module) -> LayerAdapter:
+    """`layer` with its LoRA down factor shaped like the kernel of `mod`'s conv weight.
+
+    ComfyUI's trainer saves a conv LoRA's down factor 2-D (``[r, in*kh*kw]``); reshaped to
+    ``[r, in, kh, kw]`` dynamic mode can run it as a convolution. Any other layer (no 2-D
+    down factor, a Linear target, sizes that do not match) is returned as it is. `mod` needs
+    only a ``weight`` (a meta tensor will do); :mod:`.host_patches` uses it for host models.
+    """
     down = layer.tensors.get(LORA_DOWN)
     weight = weight_like(mod)
     if down is None or down.dim() != 2 or weight.dim() <= 2:

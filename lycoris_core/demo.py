@@ -22,12 +22,13 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .adapters import load_adapter
+from .adapters import Adapter, load_adapter
 from .config import SEED_EXAMPLE, LycorisConfig
 from .io import atomic_write
 from .models import load_model, save_merged
@@ -44,7 +45,7 @@ from .training.evaluate import (
     nearest_image_correlation,
     nearest_latent_distance,
 )
-from .training.loop import TrainSpec, TrainStepInfo, train
+from .training.loop import TrainResult, TrainSpec, TrainStepInfo, train
 from .training.objectives import Objective, ObjectiveOptions
 from .training.synthetic import CAPTION, make_demo_dataset, make_shapes_dataset
 
@@ -120,6 +121,138 @@ def _save_png(path: Path, image: Any) -> None:
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
+@dataclass
+class _Samples:
+    """The demo's samples at each strength and how near they are to the training set."""
+
+    rows: list[torch.Tensor]  # images [B, H, W, C] per strength
+    distances: dict[float, float]  # latent, per strength
+    correlations: dict[float, float]  # pixel, per strength
+    dynamic: torch.Tensor  # strength 1 in dynamic mode (merged: rows[-1])
+
+
+def _train_adapter(
+    model: Any,
+    config: LycorisConfig,
+    dataset: DatasetSpec,
+    adapter_path: Path,
+    steps: int,
+    seed: int,
+    on_step: Callable[[TrainStepInfo], None] | None,
+) -> TrainResult:
+    """Train the seed config on the disc dataset into `adapter_path` (a previous demo's
+    checkpoint and validation folders are removed first)."""
+    for old in adapter_path.parent.glob(f"{adapter_path.stem}-*"):
+        if old.is_dir():
+            shutil.rmtree(old)
+    spec = TrainSpec(
+        base=model,
+        config=config,
+        dataset=dataset,
+        output=str(adapter_path),
+        steps=steps,
+        batch_size=4,
+        lr=DEMO_LR,
+        scheduler="cosine",
+        warmup_steps=min(20, steps // 10),
+        save_every=max(1, steps // 2),
+        validation_prompts=[CAPTION],
+        validation_every=max(1, steps // 3),
+        validation_steps=SAMPLE_STEPS,
+        seed=seed,
+        objective=ObjectiveOptions(max_sequence_length=TOKENS),
+    )
+    return train(spec, on_step=on_step)
+
+
+def _sample_strengths(
+    model: Any, adapter: Adapter, train_latents: torch.Tensor, train_images: torch.Tensor
+) -> _Samples:
+    """Sample at each of STRENGTHS (merged) and at 1 (dynamic), measuring each strength's
+    distance (latents) and correlation (pixels) to the nearest training example."""
+    args = {
+        "prompt": CAPTION,
+        "steps": SAMPLE_STEPS,
+        "seed": 100,
+        "batch_size": SAMPLES,
+        "width": RESOLUTION,
+        "max_sequence_length": TOKENS,
+        "height": RESOLUTION,
+    }
+    rows, distances, correlations = [], {}, {}
+    for s in STRENGTHS:
+        rows.append(sample(model, [(adapter, s)], **args))
+        latents = sample(model, [(adapter, s)], output="latent", **args)
+        distances[s] = nearest_latent_distance(latents, train_latents)
+        correlations[s] = nearest_image_correlation(rows[-1], train_images)
+    dynamic = sample(model, [(adapter, 1.0)], mode="dynamic", **args)
+    return _Samples(rows, distances, correlations, dynamic)
+
+
+def _summary(
+    out: Path,
+    base_dir: Path,
+    config: LycorisConfig,
+    model: Any,
+    result: TrainResult,
+    losses: tuple[float, float],
+    found: _Samples,
+    started: float,
+) -> dict[str, Any]:
+    """What demo_summary.json holds; `losses`: base, trained; `started`: the demo's start
+    (``time.perf_counter()``)."""
+    loss_base, loss_trained = losses
+    c = found.correlations
+    rising = all(c[a] < c[b] for a, b in itertools.pairwise(STRENGTHS))
+    return {
+        "base": str(base_dir),
+        "adapter": str(out / "demo_lokr.safetensors"),
+        "config": config.to_dict(),
+        "coverage": coverage(model.denoiser, config).summary(),
+        "steps": result.steps_done,
+        "train_seconds": round(result.seconds, 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "loss_first_10": sum(result.losses[:10]) / min(10, len(result.losses)),
+        "loss_last_10": sum(result.losses[-10:]) / min(10, len(result.losses)),
+        "fixed_loss": {"base": loss_base, "trained": loss_trained},
+        "pixel_correlation_to_training_set": {str(s): v for s, v in c.items()},
+        "latent_distance_to_training_set": {str(s): d for s, d in found.distances.items()},
+        "learned": rising and loss_trained < loss_base,
+        "merged_vs_dynamic_max_abs": (found.rows[-1] - found.dynamic).abs().max().item(),
+        "checkpoints": result.checkpoints,
+        "validation_steps": [s for s, _ in result.validation],
+        "files": {
+            "samples_grid": str(out / "samples_grid.png"),
+            "loss_curve": str(out / "loss_curve.png"),
+            "inspect": str(out / "demo_lokr.inspect.txt"),
+        },
+    }
+
+
+def _summary_text(summary: dict[str, Any], result: TrainResult, out: Path) -> str:
+    """The lines ``python -m lycoris_core demo`` prints."""
+    c, d = summary["pixel_correlation_to_training_set"], summary["latent_distance_to_training_set"]
+    loss = summary["fixed_loss"]
+    lines = [
+        f"tiny Flux: {summary['base']}",
+        f"seed config: {summary['coverage']}",
+        f"trained {result.steps_done} steps in {result.seconds:.0f} s -> {summary['adapter']}",
+        f"loss (first 10 -> last 10 steps): {summary['loss_first_10']:.4f} -> "
+        f"{summary['loss_last_10']:.4f}",
+        f"fixed-noise loss on the dataset: base {loss['base']:.4f}, trained {loss['trained']:.4f}",
+        "samples vs the nearest training image, mean pixel correlation (1 = same picture): "
+        + ", ".join(f"strength {s}: {v:.3f}" for s, v in c.items()),
+        "mean latent distance of samples to the nearest training latent: "
+        + ", ".join(f"strength {s}: {v:.4f}" for s, v in d.items()),
+        f"learned: {summary['learned']}",
+        f"samples (rows: training images, then strength {', '.join(str(s) for s in STRENGTHS)}): "
+        f"{summary['files']['samples_grid']}",
+        f"loss curve: {summary['files']['loss_curve']}",
+        f"summary: {out / 'demo_summary.json'}",
+    ]
+    return "\n".join(lines)
+
+
 def run_demo(
     out: Path,
     seed: int = 0,
@@ -142,30 +275,7 @@ def run_demo(
         folder=str(data_dir), resolution=RESOLUTION, bucket_step=model.size_multiple
     )
     adapter_path = out / "demo_lokr.safetensors"
-    for old in out.glob("demo_lokr-*"):  # a previous demo's checkpoints/validation
-        if old.is_dir():
-            shutil.rmtree(old)
-    result = train(
-        TrainSpec(
-            base=model,
-            config=config,
-            dataset=dataset,
-            output=str(adapter_path),
-            steps=steps,
-            batch_size=4,
-            lr=DEMO_LR,
-            scheduler="cosine",
-            warmup_steps=min(20, steps // 10),
-            save_every=max(1, steps // 2),
-            validation_prompts=[CAPTION],
-            validation_every=max(1, steps // 3),
-            validation_steps=SAMPLE_STEPS,
-            seed=seed,
-            objective=ObjectiveOptions(max_sequence_length=TOKENS),
-        ),
-        on_step=on_step,
-    )
-    trained_s = result.seconds
+    result = _train_adapter(model, config, dataset, adapter_path, steps, seed, on_step)
 
     adapter = load_adapter(adapter_path)
     info = describe(adapter, model.denoiser)
@@ -177,69 +287,14 @@ def run_demo(
     objective = Objective(model.pipe, model.family, options)
     train_latents = torch.stack(dataset_latents(objective, data))
     train_images = dataset_images(data)
-    rows, distances, correlations = [], {}, {}
-    args = {
-        "prompt": CAPTION,
-        "steps": SAMPLE_STEPS,
-        "seed": 100,
-        "batch_size": SAMPLES,
-        "width": RESOLUTION,
-        "max_sequence_length": TOKENS,
-        "height": RESOLUTION,
-    }
-    for s in STRENGTHS:
-        rows.append(sample(model, [(adapter, s)], **args))
-        latents = sample(model, [(adapter, s)], output="latent", **args)
-        distances[s] = nearest_latent_distance(latents, train_latents)
-        correlations[s] = nearest_image_correlation(rows[-1], train_images)
-    dynamic = sample(model, [(adapter, 1.0)], mode="dynamic", **args)
+    found = _sample_strengths(model, adapter, train_latents, train_images)
     model.restore_base()
     labels = ["training images", *(f"strength {s:g}" for s in STRENGTHS)]
-    grid = grid_image([train_images[:SAMPLES], *rows], labels=labels, tile=TILE)
+    grid = grid_image([train_images[:SAMPLES], *found.rows], labels=labels, tile=TILE)
     _save_png(out / "samples_grid.png", grid)
     _save_png(out / "loss_curve.png", loss_curve_image(result.losses))
-    rising = all(correlations[a] < correlations[b] for a, b in itertools.pairwise(STRENGTHS))
 
-    summary = {
-        "base": str(base_dir),
-        "adapter": str(adapter_path),
-        "config": config.to_dict(),
-        "coverage": coverage(model.denoiser, config).summary(),
-        "steps": result.steps_done,
-        "train_seconds": round(trained_s, 1),
-        "total_seconds": round(time.perf_counter() - started, 1),
-        "loss_first_10": sum(result.losses[:10]) / min(10, len(result.losses)),
-        "loss_last_10": sum(result.losses[-10:]) / min(10, len(result.losses)),
-        "fixed_loss": {"base": loss_base, "trained": loss_trained},
-        "pixel_correlation_to_training_set": {str(s): c for s, c in correlations.items()},
-        "latent_distance_to_training_set": {str(s): d for s, d in distances.items()},
-        "learned": rising and loss_trained < loss_base,
-        "merged_vs_dynamic_max_abs": (rows[-1] - dynamic).abs().max().item(),
-        "checkpoints": result.checkpoints,
-        "validation_steps": [s for s, _ in result.validation],
-        "files": {
-            "samples_grid": str(out / "samples_grid.png"),
-            "loss_curve": str(out / "loss_curve.png"),
-            "inspect": str(out / "demo_lokr.inspect.txt"),
-        },
-    }
+    losses = (loss_base, loss_trained)
+    summary = _summary(out, base_dir, config, model, result, losses, found, started)
     _write_text(out / "demo_summary.json", json.dumps(summary, indent=2) + "\n")
-    c, d = summary["pixel_correlation_to_training_set"], summary["latent_distance_to_training_set"]
-    lines = [
-        f"tiny Flux: {base_dir}",
-        f"seed config: {summary['coverage']}",
-        f"trained {result.steps_done} steps in {trained_s:.0f} s -> {adapter_path}",
-        f"loss (first 10 -> last 10 steps): {summary['loss_first_10']:.4f} -> "
-        f"{summary['loss_last_10']:.4f}",
-        f"fixed-noise loss on the dataset: base {loss_base:.4f}, trained {loss_trained:.4f}",
-        "samples vs the nearest training image, mean pixel correlation (1 = same picture): "
-        + ", ".join(f"strength {s}: {v:.3f}" for s, v in c.items()),
-        "mean latent distance of samples to the nearest training latent: "
-        + ", ".join(f"strength {s}: {v:.4f}" for s, v in d.items()),
-        f"learned: {summary['learned']}",
-        f"samples (rows: training images, then strength {', '.join(str(s) for s in STRENGTHS)}): "
-        f"{summary['files']['samples_grid']}",
-        f"loss curve: {summary['files']['loss_curve']}",
-        f"summary: {out / 'demo_summary.json'}",
-    ]
-    return "\n".join(lines)
+    return _summary_text(summary, result, out)

@@ -205,7 +205,7 @@ def _layer_patches(
     weight_key: str,
     shapes: Mapping[str, Sequence[int]],
 ) -> list[HostPatch]:
-    from .binding import _conform  # the 2-D conv LoRA factors of ComfyUI's trainer
+    from .binding import conform_conv_factors  # 2-D conv LoRA factors (ComfyUI's trainer)
 
     full = tuple(shapes[weight_key])
     if target.rows is None:
@@ -219,7 +219,7 @@ def _layer_patches(
             )
         offset, shape = (0, start, stop - start), (stop - start, *full[1:])
     meta = torch.empty(shape, device="meta")
-    layer = _conform(layer, SimpleNamespace(weight=meta))
+    layer = conform_conv_factors(layer, SimpleNamespace(weight=meta))
     got = layer.algorithm.mismatch(layer, meta)
     if got is not None:
         rows = "" if offset is None else f" rows {offset[1]}:{offset[1] + offset[2]}"

@@ -89,6 +89,67 @@ def check_size(model: LoadedModel, width: int, height: int) -> None:
             )
 
 
+def _check_steps(model: LoadedModel, steps: Any) -> None:
+    """An integer from 1 to MAX_SAMPLING_STEPS, and below a UNet scheduler's training
+    timesteps (DDPM-style schedulers cannot run that many)."""
+    _check_int("steps", steps, 1)
+    if steps > MAX_SAMPLING_STEPS:
+        raise LycorisError(
+            f"steps {steps} is more than {MAX_SAMPLING_STEPS} (limits.MAX_SAMPLING_STEPS); "
+            "25 to 50 is usual"
+        )
+    limit = getattr(getattr(model.pipe, "scheduler", None), "config", {}).get("num_train_timesteps")
+    if limit and model.family.denoiser == "unet" and steps >= limit:  # DDPM-style schedulers
+        raise LycorisError(
+            f"steps {steps} is too many for this scheduler ({limit} training timesteps); "
+            f"use at most {limit - 1} (25 to 50 is usual)"
+        )
+
+
+def _check_request(
+    model: LoadedModel,
+    adapters: Sequence[Entry],
+    prompt: Any,
+    negative_prompt: Any,
+    guidance: Any,
+    seed: Any,
+    batch_size: Any,
+) -> None:
+    """The checks of :func:`sample` after size, output and steps: batch, seed, prompts,
+    guidance, and adapters with sequential offload."""
+    _check_int("batch_size", batch_size, 1)
+    _check_int("seed", seed, 0)
+    if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
+        raise LycorisError("prompt and negative_prompt must be strings")
+    if (
+        isinstance(guidance, bool)
+        or not isinstance(guidance, (int, float))
+        or not (math.isfinite(guidance) and guidance >= 0)
+    ):
+        raise LycorisError(f"guidance must be a finite number >= 0, got {guidance!r}")
+    if model.offload == "sequential" and adapters:
+        raise LycorisError(
+            "adapters with offload 'sequential' are not supported (its weights live outside the "
+            "model between steps); use offload 'model' or 'none'"
+        )
+
+
+def _pipe_extra(model: LoadedModel, max_sequence_length: int | None, output: str) -> dict[str, Any]:
+    """The pipeline keywords beyond the common ones: the T5 prompt length, latent output."""
+    extra: dict[str, Any] = {}
+    if max_sequence_length is not None:
+        _check_int("max_sequence_length", max_sequence_length, 1)
+        if "max_sequence_length" not in inspect.signature(model.pipe.__call__).parameters:
+            raise LycorisError(
+                f"max_sequence_length: {type(model.pipe).__name__} has no T5 prompt length "
+                "to set; leave it unset"
+            )
+        extra["max_sequence_length"] = max_sequence_length
+    if output == "latent":
+        extra["output_type"] = "latent"
+    return extra
+
+
 def sample(
     model: LoadedModel,
     adapters: Sequence[Entry] = (),
@@ -120,33 +181,8 @@ def sample(
     check_size(model, width, height)
     if output not in ("image", "latent"):
         raise LycorisError(f"output must be 'image' or 'latent', got {output!r}")
-    _check_int("steps", steps, 1)
-    if steps > MAX_SAMPLING_STEPS:
-        raise LycorisError(
-            f"steps {steps} is more than {MAX_SAMPLING_STEPS} (limits.MAX_SAMPLING_STEPS); "
-            "25 to 50 is usual"
-        )
-    limit = getattr(getattr(model.pipe, "scheduler", None), "config", {}).get("num_train_timesteps")
-    if limit and fam.denoiser == "unet" and steps >= limit:  # DDPM-style schedulers
-        raise LycorisError(
-            f"steps {steps} is too many for this scheduler ({limit} training timesteps); "
-            f"use at most {limit - 1} (25 to 50 is usual)"
-        )
-    _check_int("batch_size", batch_size, 1)
-    _check_int("seed", seed, 0)
-    if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
-        raise LycorisError("prompt and negative_prompt must be strings")
-    if (
-        isinstance(guidance, bool)
-        or not isinstance(guidance, (int, float))
-        or not (math.isfinite(guidance) and guidance >= 0)
-    ):
-        raise LycorisError(f"guidance must be a finite number >= 0, got {guidance!r}")
-    if model.offload == "sequential" and adapters:
-        raise LycorisError(
-            "adapters with offload 'sequential' are not supported (its weights live outside the "
-            "model between steps); use offload 'model' or 'none'"
-        )
+    _check_steps(model, steps)
+    _check_request(model, adapters, prompt, negative_prompt, guidance, seed, batch_size)
 
     adapter_bytes = sum(entry[0].num_params() * 4 for entry in adapters)
     with oom_advice(
@@ -154,17 +190,7 @@ def sample(
         model_bytes=module_bytes(model.denoiser),
         adapter_bytes=adapter_bytes,
     ):
-        extra = {}
-        if max_sequence_length is not None:
-            _check_int("max_sequence_length", max_sequence_length, 1)
-            if "max_sequence_length" not in inspect.signature(model.pipe.__call__).parameters:
-                raise LycorisError(
-                    f"max_sequence_length: {type(model.pipe).__name__} has no T5 prompt length "
-                    "to set; leave it unset"
-                )
-            extra["max_sequence_length"] = max_sequence_length
-        if output == "latent":
-            extra["output_type"] = "latent"
+        extra = _pipe_extra(model, max_sequence_length, output)
         model.use_adapters(adapters, mode=mode)
         return _run(
             model,
@@ -210,6 +236,39 @@ def flow_denoised(
     return (before.float() - s0 * v).to(after.dtype)
 
 
+def _step_callback(
+    model: LoadedModel,
+    steps: int,
+    width: int,
+    height: int,
+    on_step: Callable[[StepInfo], None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> Callable[..., dict[str, Any]]:
+    """The pipeline's ``callback_on_step_end``: progress to `on_step`, cancel on
+    `should_stop`; its clock starts now."""
+    start = time.perf_counter()
+    previous: list[torch.Tensor] = []  # the latents after the previous step
+
+    def callback(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        done = i + 1
+        # some schedulers (PNDM) run more model steps than num_inference_steps
+        total = max(steps, len(getattr(pipe.scheduler, "timesteps", ())), done)
+        elapsed = time.perf_counter() - start
+        if on_step is not None:
+            eta = elapsed / done * (total - done)
+            latents = kwargs.get("latents")
+            if latents is not None and model.family.packed_latents:
+                latents = pipe._unpack_latents(latents, height, width, model.vae_scale_factor)
+            before = previous[0] if previous else None
+            previous[:] = [] if latents is None else [latents]
+            on_step(StepInfo(done, total, elapsed, eta, latents, before, pipe.scheduler))
+        if should_stop is not None and done < total and should_stop():
+            raise SamplingCancelled(f"sampling cancelled after step {done} of {total}")
+        return {}
+
+    return callback
+
+
 def _run(
     model: LoadedModel,
     prompt: str,
@@ -229,26 +288,7 @@ def _run(
     generators = [
         torch.Generator(device=gen_device).manual_seed(seed + i) for i in range(batch_size)
     ]
-    start = time.perf_counter()
-    previous: list[torch.Tensor] = []  # the latents after the previous step
-
-    def callback(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        done = i + 1
-        # some schedulers (PNDM) run more model steps than num_inference_steps
-        total = max(steps, len(getattr(pipe.scheduler, "timesteps", ())), done)
-        elapsed = time.perf_counter() - start
-        if on_step is not None:
-            eta = elapsed / done * (total - done)
-            latents = kwargs.get("latents")
-            if latents is not None and fam.packed_latents:
-                latents = pipe._unpack_latents(latents, height, width, model.vae_scale_factor)
-            before = previous[0] if previous else None
-            previous[:] = [] if latents is None else [latents]
-            on_step(StepInfo(done, total, elapsed, eta, latents, before, pipe.scheduler))
-        if should_stop is not None and done < total and should_stop():
-            raise SamplingCancelled(f"sampling cancelled after step {done} of {total}")
-        return {}
-
+    callback = _step_callback(model, steps, width, height, on_step, should_stop)
     kwargs: dict[str, Any] = {
         "prompt": [prompt] * batch_size,
         "width": width,
@@ -269,8 +309,14 @@ def _run(
         raise SamplingCancelled("sampling cancelled before the first step")
     with torch.inference_mode():
         images = model.pipe(**kwargs).images
-    if kwargs["output_type"] == "latent":
-        if fam.packed_latents:
+    return _output(model, images, width, height, latent=kwargs["output_type"] == "latent")
+
+
+def _output(model: LoadedModel, images: Any, width: int, height: int, latent: bool) -> torch.Tensor:
+    """The pipeline's output on the CPU in float32: latents ``[B, C, h, w]`` (Flux's
+    unpacked), or images ``[B, H, W, C]`` clamped to 0..1."""
+    if latent:
+        if model.family.packed_latents:
             images = model.pipe._unpack_latents(images, height, width, model.vae_scale_factor)
         return images.float().cpu()
     if isinstance(images, list):

@@ -310,14 +310,15 @@ def test_a_symlinked_file_in_the_loras_folder_loads(nodes, tmp_path):
 
 # --------------------------------------------------------------------------- the CLI
 def test_a_multi_line_error_prints_on_one_line(monkeypatch, capsys):
-    import lycoris_core.__main__ as cli
+    import lycoris_core.cli.files as commands
+    from lycoris_core.__main__ import main
     from lycoris_core.errors import ModelLoadError
 
     def fails(args):
         raise ModelLoadError("x: cannot load\n  - unet: missing\n  - vae: missing\n\nfix it")
 
-    monkeypatch.setattr(cli, "_cmd_inspect", fails)
-    assert cli.main(["inspect", "whatever.safetensors"]) == 2
+    monkeypatch.setattr(commands, "cmd_inspect", fails)
+    assert main(["inspect", "whatever.safetensors"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: ModelLoadError: x: cannot load; - unet: missing; - vae: missing; fix it"]
 
