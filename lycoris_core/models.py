@@ -350,12 +350,6 @@ def _quantise(pipe: Any, family: Family, precision: str, dt: torch.dtype, offloa
     """Store the base at a quantised `precision` (nothing for plain ones); the storage text."""
     if precision not in QUANTISED:
         return ""
-    if offload != "none" and precision != "fp8":
-        raise ConfigError(
-            f"base_precision {precision!r} with offload {offload!r}: bitsandbytes layers do "
-            "not move between devices reliably; use offload 'none' (an nf4 base needs about "
-            "a quarter of the memory) or base_precision fp8"
-        )
     converted = quantise_pipeline(pipe, family.denoiser, precision, dt)
     parts = ", ".join(f"{c}: {n} layers" for c, n in converted.items())
     compute = str(dt).removeprefix("torch.")
@@ -377,6 +371,12 @@ def from_pipeline(
     denoiser's (and T5's) Linear weights quantised, computing in `dtype`, in place."""
     dev = resolve_device(device)
     dt = resolve_dtype(_precision_dtype(base_precision, dtype), dev)
+    if offload != "none" and base_precision in ("int8", "nf4"):
+        raise ConfigError(
+            f"base_precision {base_precision!r} with offload {offload!r}: bitsandbytes layers "
+            "do not move between devices reliably; use offload 'none' (an nf4 base needs about "
+            "a quarter of the memory) or base_precision fp8"
+        )
     family = detect_family(pipe)
     # ComfyUI runs nodes under inference_mode, where a cast or a move makes inference
     # tensors, which cannot train: build, cast and place outside it, with normal tensors.

@@ -4,7 +4,7 @@
 
 * ``auto``: as loaded (a single file's own storage, e.g. fp8 kept fp8); ``fp32`` / ``bf16`` /
   ``fp16``: plain dtypes (the compute dtype of the model);
-* ``fp8``: every Linear/Conv weight of the denoiser (and of T5) stored as ``float8_e4m3fn``,
+* ``fp8``: every Linear weight of the denoiser (and of T5) stored as ``float8_e4m3fn``,
   computed in the model's dtype: diffusers' layerwise casting hook
   (``diffusers.hooks.layerwise_casting``), the mechanism ComfyUI users know as
   ``weight_dtype fp8_e4m3fn``;
@@ -200,12 +200,20 @@ def base_bias(module: nn.Module) -> torch.Tensor | None:
 def quantise_module(
     module: nn.Module, precision: str, dtype: torch.dtype, skip: tuple[str, ...] = ()
 ) -> int:
-    """Store `module`'s Linear (and, for fp8, Conv) weights at `precision`, computing in
-    `dtype`, in place; returns how many layers were converted. Layers already quantised and
-    names matching a `skip` pattern (regular expressions) are left as they are; plain
-    precisions convert nothing."""
+    """Store `module`'s Linear weights at `precision`, computing in `dtype`, in place;
+    returns how many layers were converted. Layers already quantised, the model's
+    ``_keep_in_fp32_modules`` and names matching a `skip` pattern (regular expressions) are
+    left as they are; plain precisions convert nothing.
+
+    Convolutions stay in `dtype` (they are no part of Flux or SD3 and a small one of a UNet):
+    a convolution's backward reads the weight it saved, and the casting hook turns that back
+    into fp8 after the forward."""
     if precision not in QUANTISED:
         return 0
+    # what the model keeps in full precision (transformers' T5 keeps `wo`, and casts its input
+    # to that layer's weight dtype, so a stored fp8/uint8 weight there would cast activations)
+    keep = getattr(module, "_keep_in_fp32_modules", None) or ()
+    skip = (*skip, *(rf"(^|\.){re.escape(k)}$" for k in keep))
     skipped = [re.compile(p) for p in skip]
     done = 0
     with torch.no_grad(), torch.inference_mode(False):
@@ -214,7 +222,7 @@ def quantise_module(
                 path = f"{parent_name}.{name}" if parent_name else name
                 if layer_precision(child) is not None or any(p.search(path) for p in skipped):
                     continue
-                if precision == "fp8" and type(child) in (nn.Linear, nn.Conv1d, nn.Conv2d):
+                if precision == "fp8" and type(child) is nn.Linear:
                     from diffusers.hooks.layerwise_casting import apply_layerwise_casting_hook
 
                     apply_layerwise_casting_hook(child, FP8_STORAGE, dtype, non_blocking=False)
@@ -275,6 +283,16 @@ def quantise_pipeline(pipe: Any, denoiser: str, precision: str, dtype: torch.dty
             out[name] = quantise_module(component, precision, dtype)
     logger.info("base precision %s: %s", precision, out)
     return out
+
+
+def fp8_convolutions(module: nn.Module) -> list[str]:
+    """Convolutions stored fp8 (a single file kept fp8): training cannot backpropagate
+    through them (see :func:`quantise_module`)."""
+    return [
+        n
+        for n, m in module.named_modules()
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and layer_precision(m) == "fp8"
+    ]
 
 
 def effective_mode(module: nn.Module, mode: str, paths: Any = None) -> str:
