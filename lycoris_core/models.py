@@ -28,11 +28,10 @@ from .families import FAMILIES, Family, detect_family, family_for_pipeline_class
 from .io import PICKLE_SUFFIXES, atomic_folder
 from .paths import check_output_folder
 from .pipeline_patch import Entry, PipelinePatch, patched_pipeline, pipeline_patch_key, split_entry
+from .precisions import QUANTISED, check_precision
 from .quantization import (
     PLAIN,
-    QUANTISED,
     bitsandbytes,
-    check_precision,
     model_precision,
     quantise_pipeline,
     quantiser_of,

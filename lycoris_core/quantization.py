@@ -33,26 +33,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError, ModelLoadError
+from .errors import ModelLoadError
+from .precisions import QUANTISED
 
 logger = logging.getLogger(__name__)
 
 PLAIN = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-QUANTISED = ("fp8", "int8", "nf4")
-PRECISIONS = ("auto", *PLAIN, *QUANTISED)
 FP8_STORAGE = torch.float8_e4m3fn
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _CASTING_HOOK = "layerwise_casting"  # diffusers.hooks.layerwise_casting's registry name
 # Text encoders that take the base precision too (the big ones: T5-XXL is 4.7B parameters);
 # CLIP stays as loaded (0.1-0.7B, and its pooled output is sensitive to rounding).
 QUANTISED_ENCODERS = ("T5EncoderModel",)
-
-
-def check_precision(value: object, field: str = "base_precision") -> str:
-    """`value` if it is one of :data:`PRECISIONS`, else a :class:`ConfigError` naming `field`."""
-    if value not in PRECISIONS:
-        raise ConfigError(f"{field} must be one of {', '.join(PRECISIONS)}, got {value!r}")
-    return str(value)
 
 
 def bitsandbytes() -> Any:

@@ -10,7 +10,7 @@ from ..lycoris_core.device import DTYPES, OFFLOAD_MODES
 from ..lycoris_core.errors import ModelLoadError
 from ..lycoris_core.models import load_model
 from . import _host
-from .handles import MODEL, LycorisNode, ModelHandle
+from .handles import MODEL, LycorisNode, ModelHandle, base_precision_input
 
 NONE = "(none)"
 AUTO = "auto"
@@ -115,6 +115,7 @@ class LoadCheckpointLycoris(LycorisNode):
                         "tooltip": "Move weights to the GPU only when used (less VRAM, slower).",
                     },
                 ),
+                "base_precision": base_precision_input(),
             },
         }
 
@@ -153,6 +154,7 @@ class LoadCheckpointLycoris(LycorisNode):
         prediction: str = AUTO,
         tokenizers: str = AUTO,
         offload: str = "none",
+        base_precision: str = "auto",
     ) -> dict[str, Any]:
         kind, _, name = base.partition("/")
         path = _resolve(kind, name)
@@ -176,6 +178,9 @@ class LoadCheckpointLycoris(LycorisNode):
             fp8=fp8,
             variant=None if variant == AUTO else variant,
             prediction_type=None if prediction == AUTO else prediction,
+            base_precision=base_precision,
         )
         text = f"{loaded.family.label}: {loaded.description}"
+        if loaded.quantised and base_precision != "auto":
+            text += f"; stored {loaded.storage}"
         return {"ui": {"text": [text]}, "result": (ModelHandle(loaded),)}

@@ -14,6 +14,7 @@ from ..lycoris_core import Adapter
 from ..lycoris_core.limits import check_strength
 from ..lycoris_core.models import LoadedModel
 from ..lycoris_core.paths import name_problem
+from ..lycoris_core.precisions import PRECISIONS
 
 MODEL = "LYCORIS_MODEL"
 ADAPTER = "LYCORIS_ADAPTER"
@@ -65,3 +66,17 @@ class ModelHandle:
 def _entry_text(adapter: Adapter, strength: float, text_strength: float | None) -> str:
     clip = "" if text_strength is None or text_strength == strength else f"/{text_strength:g}"
     return f"{adapter.name}@{strength:g}{clip}"
+
+
+def base_precision_input() -> tuple[list[str], dict]:
+    """The optional ``base_precision`` input of the load nodes (an older workflow without it
+    loads as before: ``auto``)."""
+    return (
+        list(PRECISIONS),
+        {
+            "default": "auto",
+            "tooltip": "How the base's Linear weights are stored: auto = as loaded; fp8 / int8 / "
+            "nf4 = quantised (about 1/2, 1/2, 1/4 of bf16; int8/nf4 need bitsandbytes), "
+            "computing in dtype. LyCORIS then trains in bypass mode and applies dynamically.",
+        },
+    )

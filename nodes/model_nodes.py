@@ -19,7 +19,14 @@ from ..lycoris_core.sampling import SamplingCancelled, StepInfo, sample
 from ..lycoris_core.tiny import FAMILIES as TINY_FAMILIES
 from ..lycoris_core.tiny import build_pipeline
 from . import _host
-from .handles import ADAPTER, MODEL, LycorisNode, ModelHandle, check_output_name
+from .handles import (
+    ADAPTER,
+    MODEL,
+    LycorisNode,
+    ModelHandle,
+    base_precision_input,
+    check_output_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +89,7 @@ class LoadDiffusersModel(LycorisNode):
                         "configs; without one, the file is read on its own (offline).",
                     },
                 ),
+                "base_precision": base_precision_input(),
             },
         }
 
@@ -94,7 +102,13 @@ class LoadDiffusersModel(LycorisNode):
         return True
 
     def run(
-        self, model: str, dtype: str, device: str, offload: str, config_folder: str = NONE
+        self,
+        model: str,
+        dtype: str,
+        device: str,
+        offload: str,
+        config_folder: str = NONE,
+        base_precision: str = "auto",
     ) -> tuple[ModelHandle]:
         free = _host.free_host_memory()
         if free is not None:
@@ -103,7 +117,14 @@ class LoadDiffusersModel(LycorisNode):
             family = model[len(DEMO_PREFIX) :]
             with torch.inference_mode(False):  # trainable weights (ComfyUI runs nodes in it)
                 pipe = build_pipeline(family)
-            loaded = from_pipeline(pipe, model, dtype=dtype, device=device, offload=offload)
+            loaded = from_pipeline(
+                pipe,
+                model,
+                dtype=dtype,
+                device=device,
+                offload=offload,
+                base_precision=base_precision,
+            )
             return (ModelHandle(loaded),)
         cfg = None if config_folder == NONE else _host.resolve("diffusers", config_folder)
         if model.startswith(FILE_PREFIX):
@@ -122,6 +143,7 @@ class LoadDiffusersModel(LycorisNode):
             device=device,
             offload=offload,
             tokenizer_dirs=_host.tokenizer_folders(),
+            base_precision=base_precision,
         )
         return (ModelHandle(loaded),)
 

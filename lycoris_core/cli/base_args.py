@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..precisions import PRECISIONS
+
 
 def add_base_args(p: argparse.ArgumentParser) -> None:
     """``--base`` and its companions, in the order ``--help`` lists them."""
@@ -52,6 +54,14 @@ def _add_single_file_args(p: argparse.ArgumentParser) -> None:
 def _add_weight_args(p: argparse.ArgumentParser) -> None:
     """How the base's weights are read and which variant they are."""
     p.add_argument("--fp8", choices=("keep", "upcast"), default="keep", help="fp8 weights")
+    p.add_argument(
+        "--base-precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="how the base's Linear weights are stored: as loaded (auto), a dtype, or fp8 / "
+        "int8 / nf4 (quantised, computing in --dtype; int8/nf4 need bitsandbytes; LyCORIS "
+        "then trains in bypass mode and files apply dynamically)",
+    )
     p.add_argument("--variant", help="override the detected variant (e.g. sd2, sd3.5-large)")
     p.add_argument("--prediction-type", choices=("v_prediction", "epsilon"), help="SD2.x only")
 
@@ -67,4 +77,5 @@ def base_files(args: argparse.Namespace) -> dict[str, Any]:
         "fp8": args.fp8,
         "variant": args.variant,
         "prediction_type": args.prediction_type,
+        "base_precision": args.base_precision,
     }

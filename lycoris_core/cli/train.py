@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import LycorisError
+from ..errors import IncompatibleModelError, LycorisError
 from ..paths import check_output_file
+from ..precisions import QUANTISED
 from .base_args import base_files
 from .estimate import estimate
 
@@ -123,6 +124,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not str(args.out).endswith(".safetensors"):  # the spec says so too, but after the load
         raise LycorisError(f"--out: output must be a .safetensors path, got {args.out!r}")
     config = LycorisConfig.from_file(args.config)  # before the model loads
+    if args.base_precision in QUANTISED:
+        from ..targeting import quantised_base_refusal
+
+        why = quantised_base_refusal(config, args.base_precision)
+        if why is not None:
+            raise IncompatibleModelError(f"--base-precision {args.base_precision}: {why}")
     if not args.no_preflight and Path(args.base).is_dir():  # before anything loads
         print(preflight(estimate(args, "train")).summary(), file=sys.stderr)
     model = load_model(args.base, dtype=args.dtype, device=args.device, **base_files(args))

@@ -20,7 +20,7 @@ from ..errors import IncompatibleModelError, LycorisError, PathError
 from ..limits import check_strength
 from ..models import LoadedModel
 from ..paths import check_output_file
-from ..quantization import QUANTISED, check_precision
+from ..precisions import QUANTISED, check_precision
 from ..targeting import quantised_base_refusal
 from .dataset import DatasetSpec, TrainingData
 from .objectives import ObjectiveOptions

@@ -162,3 +162,32 @@ def test_out_of_memory_reaches_the_host_as_torch_out_of_memory(pack, nodes, flux
     assert "out of memory while sampling 2x32x32" in message and "offload 'model'" in message
     assert "Tried to allocate 20.00 GiB" in message
     assert all(torch.equal(v, before[k]) for k, v in denoiser.state_dict().items())
+
+
+@pytest.mark.parametrize("precision", ["fp8", "nf4"])
+def test_a_quantised_base_loads_trains_and_samples_through_the_nodes(nodes, host_root, precision):
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is in the dev dependencies")
+    load = {"model": FLUX, "dtype": "fp32", "device": "cpu", "offload": "none"}
+    model = run(nodes, "LycorisLoadDiffusersModel", **load, base_precision=precision)[0]
+    assert model.model.precision == precision
+    folder = make_demo_dataset(host_root / f"q-{precision}", count=IMAGES, size=32)
+    config, _ = run(nodes, "LycorisConfig", model=model, **SEED_WIDGETS)
+    params = {**TRAIN, "steps": 3, "save_every": 0, "validation_prompt": ""}
+    adapter, path, _, _, summary = run(
+        nodes,
+        "LycorisTrain",
+        model=model,
+        config=config,
+        dataset=_dataset(nodes, folder),
+        output_name=f"quantised_{precision}",
+        **params,
+    )
+    assert json.loads(summary)["steps"] == 3
+    assert load_adapter(path).metadata["comfyui_lycoris.base_precision"] == precision
+    base = run(nodes, "LycorisSample", model=model, **SAMPLE)[0]
+    on = run(nodes, "LycorisApply", model=model, adapter=adapter, strength=1.0, mode="merge")[0]
+    images = run(nodes, "LycorisSample", model=on, **SAMPLE)[0]
+    assert torch.isfinite(images).all() and not torch.equal(images, base)
+    # an older workflow without the input loads as before
+    plain = run(nodes, "LycorisLoadDiffusersModel", **load)[0]
+    assert plain.model.precision == "fp32" and not plain.model.quantised
