@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .deferred import defer
 from .device import enable_tf32, place_pipeline, resolve_device, resolve_dtype
 from .errors import ConfigError, ModelLoadError
 from .families import FAMILIES, Family, detect_family, family_for_pipeline_class
@@ -31,8 +32,10 @@ from .pipeline_patch import Entry, PipelinePatch, patched_pipeline, pipeline_pat
 from .precisions import QUANTISED, check_precision
 from .quantization import (
     PLAIN,
+    QUANTISED_ENCODERS,
     bitsandbytes,
     model_precision,
+    quantise_module,
     quantise_pipeline,
     quantiser_of,
 )
@@ -265,7 +268,9 @@ def _load_from_file(path: Path, config_dir: Path | None, dtype: torch.dtype) -> 
     )
 
 
-def _load_pipe(src: Path, cfg: Path | None, family: str | None, dt: torch.dtype) -> Any:
+def _load_pipe(
+    src: Path, cfg: Path | None, family: str | None, dt: torch.dtype, skip: Sequence[str] = ()
+) -> Any:
     if src.is_dir():
         index = read_model_index(src)
         pipe_cls = _pipeline_class(src, index)
@@ -276,7 +281,9 @@ def _load_pipe(src: Path, cfg: Path | None, family: str | None, dt: torch.dtype)
                 f"family '{family}'"
             )
         try:
-            pipe = pipe_cls.from_pretrained(str(src), local_files_only=True, torch_dtype=dt)
+            pipe = pipe_cls.from_pretrained(
+                str(src), local_files_only=True, torch_dtype=dt, **dict.fromkeys(skip)
+            )
         except (OSError, ValueError) as exc:
             raise ModelLoadError(
                 f"{src}: cannot load the pipeline ({str(exc).splitlines()[0][:300]}); the folder "
@@ -416,6 +423,7 @@ def load_model(
     prediction_type: str | None = None,
     allow_download: bool = False,
     base_precision: str = "auto",
+    defer_text_encoders: bool = False,
 ) -> LoadedModel:
     """Load a pipeline from a diffusers folder, or from single files.
 
@@ -427,6 +435,9 @@ def load_model(
     family. Nothing is downloaded unless `allow_download` (then only missing tokenizer
     files of a single file, from the hub): a missing file is an error naming the path.
     `base_precision`: see :func:`from_pipeline` (checked before anything loads).
+    `defer_text_encoders` (a diffusers folder without offload): the text encoders load only
+    when something first encodes text (:mod:`lycoris_core.deferred`), e.g. never in a training
+    run whose embeddings are all in its cache_dir.
     """
     src = Path(path)
     dev = resolve_device(device)
@@ -438,9 +449,12 @@ def load_model(
     if family is not None and family not in FAMILIES:
         raise ModelLoadError(f"family {family!r} is unknown; use one of {', '.join(FAMILIES)}")
     found = None
+    deferred = _text_encoder_entries(src) if defer_text_encoders and offload == "none" else {}
+    if deferred and cfg is not None:
+        deferred = {}
     with _quiet_loading(), torch.inference_mode(False):  # trainable weights, even in ComfyUI
         if src.is_dir() or cfg is not None:
-            pipe = _load_pipe(src, cfg, family, dt)
+            pipe = _load_pipe(src, cfg, family, dt, skip=tuple(deferred))
         else:
             from .checkpoints import load_files
 
@@ -461,6 +475,7 @@ def load_model(
             f"{src}: is a {detected.label} model ('{detected.name}'), not '{family}'"
         )
     logger.info("loaded %s (%s) on %s as %s", src, detected.name, dev, dt)
+    defer(pipe, {n: _loader(src, n, e, dt, dev, base_precision) for n, e in deferred.items()})
     model = from_pipeline(
         pipe, str(src), dtype=dt, device=dev, offload=offload, base_precision=base_precision
     )
@@ -468,6 +483,39 @@ def load_model(
         model.storage = model.storage or found.storage
         model.description = found.describe()
     return model
+
+
+def _text_encoder_entries(src: Path) -> dict[str, list]:
+    """The text-encoder components a diffusers folder's model_index names (none for files)."""
+    if not src.is_dir():
+        return {}
+    index = read_model_index(src)
+    return {
+        k: v
+        for k, v in index.items()
+        if k.startswith("text_encoder") and isinstance(v, list) and v[0] is not None
+    }
+
+
+def _loader(
+    folder: Path, name: str, entry: list, dt: torch.dtype, dev: torch.device, precision: str
+) -> Callable[[], nn.Module]:
+    """Loads one component of `folder` as :func:`load_model` would have."""
+
+    def load() -> nn.Module:
+        import importlib
+
+        cls = getattr(importlib.import_module(entry[0]), entry[1])
+        with _quiet_loading(), torch.inference_mode(False):
+            module = cls.from_pretrained(
+                str(folder / name), local_files_only=True, torch_dtype=dt
+            ).eval()
+            module.to(dev)
+            if type(module).__name__ in QUANTISED_ENCODERS:
+                quantise_module(module, precision, dt)
+        return module
+
+    return load
 
 
 def save_merged(

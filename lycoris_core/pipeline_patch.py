@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from .adapters import Adapter
+from .deferred import ensure
 from .errors import LycorisError
 from .families import detect_family
 from .patching import Patch, _check_mode, _check_strength
@@ -75,6 +76,8 @@ class PipelinePatch:
         family = family or fam.name
         self.mode = mode
         self._entries = [split_entry(e) for e in adapters]
+        if any(a.has_text_layers(family) for a, _, _ in self._entries):
+            ensure(pipe)  # deferred text encoders must be there to take their layers
         encoders = text_encoders(pipe)
         self.patches: dict[str, Patch] = {}
         self.patches["denoiser"] = Patch(

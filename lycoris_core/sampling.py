@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .deferred import ensure
 from .device import module_bytes, oom_advice
 from .errors import LycorisError
 from .limits import MAX_SAMPLING_STEPS
@@ -190,6 +191,7 @@ def sample(
         model_bytes=module_bytes(model.denoiser),
         adapter_bytes=adapter_bytes,
     ):
+        ensure(model.pipe)  # text encoders deferred at load time come in now
         extra = _pipe_extra(model, max_sequence_length, output)
         model.use_adapters(adapters, mode=mode)
         return _run(

@@ -132,7 +132,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise IncompatibleModelError(f"--base-precision {args.base_precision}: {why}")
     if not args.no_preflight and Path(args.base).is_dir():  # before anything loads
         print(preflight(estimate(args, "train")).summary(), file=sys.stderr)
-    model = load_model(args.base, dtype=args.dtype, device=args.device, **base_files(args))
+    model = load_model(
+        args.base,
+        dtype=args.dtype,
+        device=args.device,
+        defer_text_encoders=args.cache_dir is not None,  # a cached run may never need them
+        **base_files(args),
+    )
     spec = _train_spec(args, model, config)
     bar, on_step = progress("training", quiet=args.json)
     try:

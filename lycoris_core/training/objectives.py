@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..deferred import ensure
 from ..errors import LycorisError
 from ..families import DenoiserCall, Family
 
@@ -98,6 +99,7 @@ class Objective:
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """Text conditioning for each caption; every tensor has the batch as first dimension."""
+        ensure(self.pipe)  # text encoders deferred at load time come in now
         encode = self.family.encode_text
         return encode(self.pipe, captions, self.device, self.options.max_sequence_length)
 

@@ -60,6 +60,8 @@ class Session:
                 config_dir=spec.config_dir,
                 device=device,
                 base_precision=spec.base_precision,
+                # with a cache_dir the text encoders load only on a cache miss
+                defer_text_encoders=spec.dataset.cache_dir is not None,
             )
         )
         check_loaded_precision(self.model, spec.base_precision)

@@ -949,6 +949,39 @@ def outcome(w: World, rid: str, kind: str, build: Callable, capsys: Any = None) 
     return exc, cli, changed
 
 
+# ---- base precision (quantised bases)
+@row("api-base-precision-unknown", "api", "errors.ConfigError", "base_precision must be one of")
+def _(w, work):
+    from lycoris_core.models import load_model
+
+    return lambda: load_model(w.sd15_dir, device="cpu", base_precision="int4")
+
+
+@row("api-base-precision-vs-dtype", "api", "errors.ConfigError", "disagree")
+def _(w, work):
+    from lycoris_core.models import load_model
+
+    return lambda: load_model(w.sd15_dir, device="cpu", dtype="fp32", base_precision="fp16")
+
+
+@row("api-save-merged-quantised", "api", "errors.ConfigError", "base_precision bf16/fp32")
+def _(w, work):
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is in the dev dependencies")
+    from lycoris_core.models import load_model, save_merged
+
+    model = load_model(w.sd15_dir, device="cpu", dtype="fp32", base_precision="nf4")
+    return lambda: save_merged(model, [], work / "merged")
+
+
+@row("cli-train-dora-over-nf4", "cli", "errors.IncompatibleModelError", "--base-precision nf4")
+def _(w, work):
+    config = work / "dora.json"
+    dora = {"algo": "lora", "multiplier": 1.0, "linear_dim": 4, "linear_alpha": 1, "dora_wd": True}
+    config.write_text(json.dumps(dora), encoding="utf-8")
+    argv = _train_argv(w, work, work / "a.safetensors", config)
+    return [*argv[:2], str(work / "not-loaded"), *argv[3:], "--base-precision", "nf4"]
+
+
 @pytest.mark.parametrize(
     ("rid", "kind", "build", "error", "fragment"), ROWS, ids=[r[0] for r in ROWS]
 )
