@@ -352,7 +352,7 @@ def _precision_dtype(base_precision: str, dtype: str | torch.dtype) -> str | tor
     return base_precision
 
 
-def _quantise(pipe: Any, family: Family, precision: str, dt: torch.dtype, offload: str) -> str:
+def _quantise(pipe: Any, family: Family, precision: str, dt: torch.dtype) -> str:
     """Store the base at a quantised `precision` (nothing for plain ones); the storage text."""
     if precision not in QUANTISED:
         return ""
@@ -392,7 +392,7 @@ def from_pipeline(
         if dt != pipe.dtype:
             pipe.to(dtype=dt)
         place_pipeline(pipe, dev, offload)
-        storage = _quantise(pipe, family, base_precision, dt, offload)
+        storage = _quantise(pipe, family, base_precision, dt)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     enable_tf32(dev)
@@ -450,8 +450,6 @@ def load_model(
         raise ModelLoadError(f"family {family!r} is unknown; use one of {', '.join(FAMILIES)}")
     found = None
     deferred = _text_encoder_entries(src) if defer_text_encoders and offload == "none" else {}
-    if deferred and cfg is not None:
-        deferred = {}
     with _quiet_loading(), torch.inference_mode(False):  # trainable weights, even in ComfyUI
         if src.is_dir() or cfg is not None:
             pipe = _load_pipe(src, cfg, family, dt, skip=tuple(deferred))

@@ -131,3 +131,36 @@ def test_stock_load_checkpoint_cannot_detect_the_tiny_model(comfy, files, tmp_pa
     result = run_workflow(comfy.url, prompt, tmp_path, 120)
     assert result["status"] == "error"
     assert result["error"]["node_type"] == "CheckpointLoaderSimple", result["error"]
+
+
+def _host_has(module: str) -> bool:
+    import os
+    import subprocess
+
+    code = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({module!r}) is None)"
+    return subprocess.run([os.environ["COMFYUI_PYTHON"], "-c", code]).returncode == 0
+
+
+@pytest.mark.parametrize("precision", ["fp8", "nf4"])
+def test_a_quantised_base_trains_and_samples(comfy, files, precision, tmp_path):
+    """The split Flux set at base_precision fp8 / nf4: the node says how it is stored, the run
+    trains (bypass) and samples, and the file records the precision."""
+    if precision == "nf4" and not _host_has("bitsandbytes"):
+        pytest.skip("ComfyUI's environment has no bitsandbytes (pip install bitsandbytes there)")
+    from safetensors import safe_open
+
+    inputs = _load(
+        files["flux"],
+        "tiny-flux",
+        text_encoder_1="e2e_clip_l.safetensors",
+        text_encoder_2="e2e_t5xxl.safetensors",
+        vae="e2e_ae.safetensors",
+        base_precision=precision,
+    )
+    name = f"e2e_ckpt_flux_{precision}"
+    result = run_workflow(comfy.url, _prompt(inputs, name), tmp_path, 300)
+    assert result["status"] == "success", result["error"]
+    assert f"stored {precision} (" in result["outputs"]["1"]["text"][0]
+    with safe_open(str(comfy.lycoris_dir / f"{name}.safetensors"), framework="pt") as f:
+        assert f.metadata()["comfyui_lycoris.base_precision"] == precision
+    assert [f for f in result["files"] if f["node"] == "7"]

@@ -152,6 +152,26 @@ def _check_int8_layers(case, q, plain, patch, adapter, s, inputs) -> None:
             assert err < tol, f"{path} at {s}: change off by {err:.2e}"
 
 
+@pytest.mark.parametrize("precision", ["int8", "nf4"])
+def test_lycoris_default_targets_reach_the_quantised_linears(flux, precision):
+    """A config without target_module targets lycoris' default classes ("Linear", ...):
+    on a bitsandbytes base those are Linear8bitLt / Linear4bit, which the alias covers."""
+    from lycoris_core import create_network
+
+    q = copy.deepcopy(flux)
+    quantise_module(q, precision, torch.float32)
+    cfg = LycorisConfig.from_dict(
+        {"algo": "lora", "multiplier": 1.0, **{"linear_dim": 2}, "linear_alpha": 1}
+    )
+    net = create_network(q, cfg)
+    try:
+        wrapped = {type(lora.org_module[0]).__name__ for lora in net.loras}
+        assert {"Linear4bit" if precision == "nf4" else "Linear8bitLt"} <= wrapped
+        assert all(lora.bypass_mode for lora in net.loras)
+    finally:
+        net.restore()
+
+
 def test_loading_at_each_precision_stores_the_layers_that_way(tmp_path):
     folder = make_tiny("flux", tmp_path / "flux")
     full = load_model(folder, device="cpu", dtype="fp32")

@@ -189,8 +189,9 @@ def test_config_that_wraps_zero_layers_is_an_error(flux):
 
 
 def test_alias_table_is_small_and_explained():
-    assert set(CLASS_ALIASES) == {"Attention"}
+    assert set(CLASS_ALIASES) == {"Attention", "Linear"}
     assert "FluxAttention" in CLASS_ALIASES["Attention"].reason
+    assert "bitsandbytes" in CLASS_ALIASES["Linear"].reason
 
 
 @pytest.mark.parametrize("algo", ["lokr", "lora", "loha"])
