@@ -75,8 +75,9 @@ def _rss_mb() -> float:
 
 
 def child(folder: str, storage: str) -> None:
-    """Load one set and print {baseline_mb, peak_mb} as JSON: the RSS after every import,
-    and the highest RSS seen (sampled every 2 ms by a thread) while loading."""
+    """Load one set and print JSON: the RSS after every import (baseline), the highest RSS
+    seen (sampled every 2 ms by a thread) while loading and reading every weight once, its
+    anonymous / file-backed shares at that moment, VmHWM, the load time."""
     import threading
     import time
 
@@ -119,8 +120,9 @@ def child(folder: str, storage: str) -> None:
     load_s = time.perf_counter() - t0
     note()
     loaded = peak[0]
-    # safetensors maps bf16 tensors from the file lazily (their pages count once read), fp8
-    # ones are copied: read every byte of every weight, as sampling would, then measure.
+    # tensors kept as stored (bf16 here, fp8 when kept) are safetensors' memory map of the
+    # file: their pages count in RSS once read. Read every page of every weight, as sampling
+    # would, then measure.
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             for t in [*component.parameters(), *component.buffers()]:
