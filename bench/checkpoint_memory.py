@@ -18,7 +18,7 @@ casting) in a fresh subprocess, interleaved, repeated; each child reports its pe
 (VmRSS sampled every 2 ms by a thread, up to having read every weight once; with its
 anonymous and file-backed shares at that moment) and its RSS after every import (baseline).
 Target: fp8 / bf16 < 0.6. The model's own share is the peak above the baseline; the whole
-peak includes ~0.36 GB of imported libraries, which dominate at the default size.
+peak includes ~0.4 GB of imported libraries, which dominate at the default size.
 """
 
 from __future__ import annotations
