@@ -9,7 +9,15 @@
   ``fp8="upcast"`` casts each tensor to the compute dtype as it is read.
 * ComfyUI's scaled fp8 (a ``scaled_fp8`` marker under the model prefix; per layer
   ``scale_weight``): dequantised as ``weight.float() * scale_weight`` per tensor, straight to
-  the compute dtype; ``scale_input`` (an activation scale for fp8 matmuls) is dropped.
+  the compute dtype (in slices, so no float32 copy of a whole tensor); ``scale_input`` (an
+  activation scale for fp8 matmuls) is dropped.
+
+Memory: a tensor kept as stored is safetensors' memory map of the file (no copy; its pages
+count in RSS once read, and the kernel may drop them again). A tensor that is cast or
+dequantised is read with a plain file read into its own buffer and converted from there:
+reading it through the map would leave its file pages resident for as long as any other
+tensor of the file (a bias kept as stored) holds the map, i.e. a second copy of every
+converted weight in the stored dtype.
 """
 
 from __future__ import annotations
@@ -43,40 +51,102 @@ def read_part(part: Part, dtype: torch.dtype, keep_fp8: bool) -> dict[str, torch
 
     fp8 tensors stay fp8 when `keep_fp8` (and the file is not scaled fp8), everything else is
     cast to `dtype` one tensor at a time; integer buffers and schedule tables are skipped.
+    Tensors kept as stored are mapped from the file, converted ones read into new buffers.
     """
     from safetensors import SafetensorError, safe_open
 
-    if part.header.path.suffix.lower() == ".gguf":
+    path = part.header.path
+    if path.suffix.lower() == ".gguf":
         from .gguf import read_gguf_part
 
-        return read_gguf_part(part.header.path, part.prefix, dtype)
+        return read_gguf_part(path, part.prefix, dtype)
     scaled = is_scaled_fp8(part)
     out: dict[str, torch.Tensor] = {}
     try:
-        with safe_open(str(part.header.path), framework="pt", device="cpu") as f:
+        with safe_open(str(path), framework="pt", device="cpu") as f, path.open("rb") as raw:
+            spans = _data_spans(raw)
+            read = _Reader(raw, spans)
             for key in part.header.with_prefix(part.prefix):
-                if key.endswith(_SCALE_SUFFIXES) or key.endswith("scaled_fp8"):
+                if key.endswith(_SCALE_SUFFIXES) or key.endswith(("scaled_fp8", "position_ids")):
                     continue
-                if key.endswith("position_ids"):
-                    continue
-                t = f.get_tensor(key)
-                if not t.is_floating_point():
+                stored = _TORCH_DTYPES.get(part.header.tensors[key].dtype)
+                if stored is None:  # integer buffers, schedule tables' int64, quantised
                     continue
                 scale_key = (
                     key[: -len("weight")] + "scale_weight" if key.endswith("weight") else None
                 )
                 if scaled and scale_key and part.header.has(scale_key):
                     scale = f.get_tensor(scale_key).float()
-                    t = (t.float() * scale).to(dtype)
-                elif t.dtype in FP8 and keep_fp8 and not scaled:
-                    pass
-                elif t.dtype != dtype:
-                    t = t.to(dtype)
-                out[key] = t
+                    out[key] = _dequantise(read(key, stored), scale, dtype)
+                elif stored == dtype or (stored in FP8 and keep_fp8 and not scaled):
+                    out[key] = f.get_tensor(key)  # as stored: the file's memory map
+                else:
+                    out[key] = read(key, stored).to(dtype)
     except SafetensorError as exc:
-        raise ModelLoadError(
-            f"{part.header.path}: cannot read its tensors ({exc}); re-download it"
-        ) from None
+        raise ModelLoadError(f"{path}: cannot read its tensors ({exc}); re-download it") from None
+    return out
+
+
+_TORCH_DTYPES = {  # header.py's short names of the floating dtypes
+    "fp64": torch.float64,
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "fp8_e4m3fn": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+_DEQUANT_SLICE = 1 << 22  # elements per float32 slice while dequantising (16 MiB)
+
+
+def _data_spans(raw: Any) -> dict[str, tuple[int, int, tuple[int, ...]]]:
+    """name -> (absolute start, end, shape) from the safetensors header (``header.py``
+    checked it, safetensors opened it: the layout is known to be sound here)."""
+    import json
+    import struct
+
+    raw.seek(0)
+    (n,) = struct.unpack("<Q", raw.read(8))
+    entries = json.loads(raw.read(n))
+    entries.pop("__metadata__", None)
+    return {
+        k: (8 + n + e["data_offsets"][0], 8 + n + e["data_offsets"][1], tuple(e["shape"]))
+        for k, e in entries.items()
+    }
+
+
+class _Reader:
+    """Tensors read from the open file into one scratch buffer (no memory map), reused: the
+    caller converts each into a tensor of its own before the next read. One buffer, not one
+    per tensor, so that the freed reads do not stay in the heap as fragments."""
+
+    def __init__(self, raw: Any, spans: dict[str, tuple[int, int, tuple[int, ...]]]) -> None:
+        self.raw, self.spans = raw, spans
+        self.buf = torch.empty(0, dtype=torch.uint8)
+
+    def __call__(self, key: str, stored: torch.dtype) -> torch.Tensor:
+        start, end, shape = self.spans[key]
+        n = end - start
+        if n > self.buf.numel():
+            self.buf = torch.empty(0, dtype=torch.uint8)  # the old one freed first
+            self.buf = torch.empty(n, dtype=torch.uint8)
+        view = self.buf[:n]
+        self.raw.seek(start)
+        if n and self.raw.readinto(memoryview(view.numpy())) != n:
+            raise ModelLoadError(f"{self.raw.name}: tensor {key} is cut short; re-download it")
+        return view.view(stored).reshape(shape)
+
+
+def _dequantise(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(weight.float() * scale).to(dtype)``, computed in slices of the flattened tensor so
+    that the float32 intermediate is at most one slice (the result is the same per element).
+    A scale of more than one element (not ComfyUI's, which is a scalar) is broadcast whole."""
+    if scale.numel() != 1:
+        return (weight.float() * scale).to(dtype)
+    out = torch.empty(weight.shape, dtype=dtype)
+    src, dst = weight.reshape(-1), out.view(-1)
+    scale = scale.reshape(())
+    for i in range(0, src.numel(), _DEQUANT_SLICE):
+        dst[i : i + _DEQUANT_SLICE] = src[i : i + _DEQUANT_SLICE].float() * scale
     return out
 
 
