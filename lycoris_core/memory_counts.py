@@ -171,13 +171,13 @@ def base_info_from_folder(
     the denoiser's class and config from its config.json."""
     from .device import resolve_device, resolve_dtype
     from .families import family_for_pipeline_class
-    from .models import _denoiser_entry, read_model_index
+    from .pipeline_files import denoiser_entry, read_model_index
 
     root = Path(folder)
     index = read_model_index(root)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    name, cls = _denoiser_entry(root, index)
+    name, cls = denoiser_entry(root, index)
     config = cls.load_config(str(root / name))
     label = str(dt).removeprefix("torch.").replace("float", "fp").replace("bfp16", "bf16")
     family = family_for_pipeline_class(index["_class_name"])

@@ -25,7 +25,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     adapter = load_adapter(args.file)
     module = None
     if args.base:
-        from ..models import load_denoiser
+        from ..pipeline_files import load_denoiser
 
         module = load_denoiser(args.base)
     info = describe(adapter, module)
@@ -40,7 +40,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     adapter = load_adapter(args.file)
     denoiser = None
     if args.base:
-        from ..models import load_denoiser
+        from ..pipeline_files import load_denoiser
 
         denoiser = load_denoiser(args.base)
     out = save_adapter(adapter, args.out, args.layout, denoiser=denoiser)
