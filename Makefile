@@ -27,3 +27,4 @@ bench:
 gpu-check:
 	@.ci/bootstrap
 	$(PY) -m pytest -q tests/gpu
+	$(PY) bench/flux_memory_gpu.py

@@ -48,3 +48,16 @@ def test_train_benchmark_quick_run(tmp_path):
     assert summary["same_wrapped_layers"] and summary["layers_ours"] == 30
     assert set(summary["targets_met"]) >= {"step_ratio", "rss_ratio", "cache_ratio"}
     assert all(arm["step_ms"] > 0 for arm in data["arms"].values())
+
+
+def test_flux_memory_gpu_benchmark_smoke_run_on_the_cpu(tmp_path):
+    out = tmp_path / "flux_memory_gpu.json"
+    script = ROOT / "bench" / "flux_memory_gpu.py"
+    argv = [sys.executable, str(script), "--quick", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads(out.read_text())["precisions"]
+    assert set(data) == {"bf16", "fp8", "int8", "nf4"}
+    weights = {p: data[p]["configs"][0]["weight_bytes"] for p in data}
+    assert weights["nf4"] < weights["fp8"] < weights["bf16"] and weights["int8"] < weights["bf16"]
+    assert all(len(v["configs"]) == 3 and "flux_dev_peak" in v["fit"] for v in data.values())
