@@ -4,10 +4,11 @@
 
 * ``auto``: as loaded (a single file's own storage, e.g. fp8 kept fp8); ``fp32`` / ``bf16`` /
   ``fp16``: plain dtypes (the compute dtype of the model);
-* ``fp8``: every Linear weight of the denoiser (and of T5) stored as ``float8_e4m3fn``,
-  computed in the model's dtype: diffusers' layerwise casting hook
-  (``diffusers.hooks.layerwise_casting``), the mechanism ComfyUI users know as
-  ``weight_dtype fp8_e4m3fn``;
+* ``fp8``: every Linear/Conv weight of the denoiser (and of T5) stored as
+  ``float8_e4m3fn``, computed in the model's dtype through a diffusers model hook
+  (``diffusers.hooks``, the registry of diffusers' layerwise casting; ours casts only the
+  weight, see :func:`_fp8_weight_hook`), what ComfyUI users know as ``weight_dtype
+  fp8_e4m3fn``;
 * ``int8`` / ``nf4``: every Linear replaced by bitsandbytes' ``Linear8bitLt`` (LLM.int8,
   per-row absmax) or ``Linear4bit`` (4-bit NormalFloat in blocks of 64, the block scales
   quantised again: QLoRA's recipe), computing in the model's dtype.
@@ -42,6 +43,9 @@ PLAIN = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FP8_STORAGE = torch.float8_e4m3fn
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _CASTING_HOOK = "layerwise_casting"  # diffusers.hooks.layerwise_casting's registry name
+# ours takes the same name: diffusers reads a model's compute dtype (ModelMixin.dtype) from
+# the hook registered under it (its `compute_dtype`), so inputs are cast to that, not to fp8
+_FP8_HOOK = _CASTING_HOOK
 # Text encoders that take the base precision too (the big ones: T5-XXL is 4.7B parameters);
 # CLIP stays as loaded (0.1-0.7B, and its pooled output is sensitive to rounding).
 QUANTISED_ENCODERS = ("T5EncoderModel",)
@@ -66,7 +70,7 @@ def quantiser_of(precision: str) -> str:
     if precision == "fp8":
         import diffusers
 
-        return f"diffusers {diffusers.__version__} layerwise casting"
+        return f"fp8 weight hook (diffusers {diffusers.__version__} hooks)"
     return "none"
 
 
@@ -76,6 +80,46 @@ def quantiser_of(precision: str) -> str:
 def _casting_hook(module: nn.Module) -> Any:
     registry = getattr(module, "_diffusers_hook", None)
     return None if registry is None else registry.get_hook(_CASTING_HOOK)
+
+
+def _fp8_weight_hook(dtype: torch.dtype, storage: torch.dtype) -> Any:
+    """A diffusers model hook that stores the layer's weight in fp8 and gives its forward a
+    `dtype` copy as a fresh parameter (so the backward keeps that copy, and a convolution can
+    be trained through); the bias stays in `dtype`.
+
+    diffusers' layerwise casting hook casts the whole module back and forth in place: the bias
+    is rounded to fp8 too (a few percent of error), and a convolution's saved weight turns fp8
+    again before its backward."""
+    from diffusers.hooks import ModelHook
+
+    class Fp8WeightHook(ModelHook):
+        storage_dtype, compute_dtype = storage, dtype
+
+        def initialize_hook(self, module: nn.Module) -> nn.Module:
+            stored = module.weight.detach().to(storage)
+            module._parameters["weight"] = self.stored = nn.Parameter(stored, False)
+            return module
+
+        def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            self.stored = module._parameters["weight"]
+            compute = self.stored.detach().to(self.compute_dtype)
+            module._parameters["weight"] = nn.Parameter(compute, requires_grad=False)
+            return args, kwargs
+
+        def post_forward(self, module: nn.Module, output: Any) -> Any:
+            module._parameters["weight"] = self.stored
+            return output
+
+    return Fp8WeightHook()
+
+
+def store_fp8(module: nn.Module, dtype: torch.dtype, storage: torch.dtype = FP8_STORAGE) -> None:
+    """Keep `module`'s weight in the fp8 `storage` dtype, computing in `dtype`, its bias in
+    `dtype` (:func:`_fp8_weight_hook`)."""
+    from diffusers.hooks import HookRegistry
+
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    registry.register_hook(_fp8_weight_hook(dtype, storage), _FP8_HOOK)
 
 
 def layer_precision(module: nn.Module) -> str | None:
@@ -192,14 +236,11 @@ def base_bias(module: nn.Module) -> torch.Tensor | None:
 def quantise_module(
     module: nn.Module, precision: str, dtype: torch.dtype, skip: tuple[str, ...] = ()
 ) -> int:
-    """Store `module`'s Linear weights at `precision`, computing in `dtype`, in place;
-    returns how many layers were converted. Layers already quantised, the model's
-    ``_keep_in_fp32_modules`` and names matching a `skip` pattern (regular expressions) are
-    left as they are; plain precisions convert nothing.
-
-    Convolutions stay in `dtype` (they are no part of Flux or SD3 and a small one of a UNet):
-    a convolution's backward reads the weight it saved, and the casting hook turns that back
-    into fp8 after the forward."""
+    """Store `module`'s Linear (and, for fp8, Conv) weights at `precision`, computing in
+    `dtype`, in place; returns how many layers were converted. Layers already quantised, the
+    model's ``_keep_in_fp32_modules`` and names matching a `skip` pattern (regular
+    expressions) are left as they are; plain precisions convert nothing. Biases stay in
+    `dtype`."""
     if precision not in QUANTISED:
         return 0
     # what the model keeps in full precision (transformers' T5 keeps `wo`, and casts its input
@@ -214,10 +255,8 @@ def quantise_module(
                 path = f"{parent_name}.{name}" if parent_name else name
                 if layer_precision(child) is not None or any(p.search(path) for p in skipped):
                     continue
-                if precision == "fp8" and type(child) is nn.Linear:
-                    from diffusers.hooks.layerwise_casting import apply_layerwise_casting_hook
-
-                    apply_layerwise_casting_hook(child, FP8_STORAGE, dtype, non_blocking=False)
+                if precision == "fp8" and type(child) in (nn.Linear, nn.Conv1d, nn.Conv2d):
+                    store_fp8(child, dtype)
                 elif precision != "fp8" and type(child) is nn.Linear:
                     setattr(parent, name, _bnb_linear(child, precision, dtype))
                 else:
@@ -275,16 +314,6 @@ def quantise_pipeline(pipe: Any, denoiser: str, precision: str, dtype: torch.dty
             out[name] = quantise_module(component, precision, dtype)
     logger.info("base precision %s: %s", precision, out)
     return out
-
-
-def fp8_convolutions(module: nn.Module) -> list[str]:
-    """Convolutions stored fp8 (a single file kept fp8): training cannot backpropagate
-    through them (see :func:`quantise_module`)."""
-    return [
-        n
-        for n, m in module.named_modules()
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and layer_precision(m) == "fp8"
-    ]
 
 
 def effective_mode(module: nn.Module, mode: str, paths: Any = None) -> str:

@@ -30,7 +30,6 @@ from torch import nn
 from .config import LycorisConfig
 from .errors import IncompatibleModelError
 from .quantization import (
-    fp8_convolutions,
     is_quantised_linear,
     model_precision,
     quantised_layers,
@@ -324,14 +323,6 @@ def create_network(module: nn.Module, config: LycorisConfig) -> Any:
     """
     preset, cov = resolve_preset(module, config)
     quantised = quantised_layers(module)
-    convs = fp8_convolutions(module)
-    if convs:
-        raise IncompatibleModelError(
-            f"{len(convs)} convolutions of this {type(module).__name__} are stored fp8 (e.g. "
-            f"'{convs[0]}'): training cannot backpropagate through fp8-stored convolutions; "
-            "load the file with fp8 'upcast' (and base_precision fp8, which keeps Linear layers "
-            "fp8 and convolutions in the compute dtype)"
-        )
     if quantised:
         precision = model_precision(module)
         why = quantised_base_refusal(config, precision)

@@ -2,10 +2,10 @@
 
 * fp16/bf16/fp32 tensors are read as stored and cast (per tensor) to the compute dtype.
 * Plain fp8 (``float8_e4m3fn`` / ``float8_e5m2``): kept fp8 (``fp8="keep"``): the module is
-  built on the meta device, diffusers' layerwise casting hook
-  (``diffusers.hooks.layerwise_casting.apply_layerwise_casting_hook``) makes each Linear/Conv
-  layer whose weight the file stores in fp8 keep fp8 storage (its bias too) and compute in
-  the compute dtype, and each tensor is assigned as read (no copy of the fp8 weights).
+  built on the meta device, a diffusers model hook (:func:`lycoris_core.quantization.
+  store_fp8`) makes each Linear/Conv layer whose weight the file stores in fp8 keep its
+  weight in fp8 and compute in the compute dtype (its bias in the compute dtype), and each
+  tensor is assigned as read (no copy of the fp8 weights).
   ``fp8="upcast"`` casts each tensor to the compute dtype as it is read.
 * ComfyUI's scaled fp8 (a ``scaled_fp8`` marker under the model prefix; per layer
   ``scale_weight``): dequantised as ``weight.float() * scale_weight`` per tensor, straight to
@@ -165,9 +165,9 @@ def build(
 ) -> nn.Module:
     """A module from `factory` (built on the meta device) with `state` assigned in place.
 
-    Linear/Conv layers whose weights `state` holds in fp8 keep fp8 storage through diffusers'
-    layerwise casting hook, computing in `dtype`; other tensors are cast to the dtype the
-    module expects for them. `state` must match the module's names exactly.
+    Linear/Conv layers whose weights `state` holds in fp8 keep them in fp8, computing in
+    `dtype` (:func:`_hook_fp8_layers`); other tensors are cast to the dtype the module expects
+    for them. `state` must match the module's names exactly.
     """
     from accelerate import init_empty_weights
 
@@ -213,17 +213,19 @@ def build(
 def _hook_fp8_layers(
     module: nn.Module, state: dict[str, torch.Tensor], storage: torch.dtype, dtype: torch.dtype
 ) -> None:
-    """diffusers' layerwise casting hook on exactly the Linear/Conv layers the file stores in
-    fp8 (diffusers' own default also skips the adaLN Linears inside ``norm*`` modules, which
-    would upcast a quarter of a Flux file; here the file decides)."""
-    from diffusers.hooks.layerwise_casting import apply_layerwise_casting_hook
+    """fp8 weight storage (:func:`lycoris_core.quantization.store_fp8`, a diffusers model
+    hook) on exactly the Linear/Conv layers the file stores in fp8; their biases compute in
+    `dtype` (an fp8 bias is upcast exactly). diffusers' own layerwise casting default also
+    skips the adaLN Linears inside ``norm*`` modules, which would upcast a quarter of a Flux
+    file; here the file decides."""
+    from ..quantization import store_fp8
 
     for name, sub in module.named_modules():
         if not isinstance(sub, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             continue
         weight = state.get(f"{name}.weight" if name else "weight")
         if weight is not None and weight.dtype in FP8:
-            apply_layerwise_casting_hook(sub, storage, dtype, non_blocking=False)
+            store_fp8(sub, dtype, storage)
 
 
 def _materialise_meta_buffers(module: nn.Module, dtype: Any) -> None:

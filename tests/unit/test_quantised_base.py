@@ -189,6 +189,22 @@ def test_loading_at_each_precision_stores_the_layers_that_way(tmp_path):
     assert sizes["nf4"] < sizes["int8"] < sizes["fp32"] and sizes["fp8"] < sizes["fp32"]
 
 
+def test_fp8_storage_rounds_the_weights_only(flux):
+    """fp8 keeps each Linear's weight in e4m3fn and its bias as it was (diffusers' layerwise
+    casting would round the bias to fp8 too); the forward computes in the model's dtype."""
+    q = copy.deepcopy(flux)
+    quantise_module(q, "fp8", torch.float32)
+    layers = quantised_layers(q)
+    assert layers and set(layers.values()) == {"fp8"}
+    for path in layers:
+        layer, plain = q.get_submodule(path), flux.get_submodule(path)
+        assert layer.weight.dtype == torch.float8_e4m3fn
+        assert torch.equal(layer.weight, plain.weight.detach().to(torch.float8_e4m3fn))
+        if plain.bias is not None:
+            assert layer.bias.dtype == torch.float32 and torch.equal(layer.bias, plain.bias)
+    assert q.dtype == torch.float32  # what diffusers casts a model's inputs to
+
+
 def _bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
@@ -249,7 +265,7 @@ def test_each_precision_trains_and_the_adapter_applies_to_the_full_base(
     with safe_open(str(out), framework="pt") as f:
         meta = f.metadata()
     assert meta["comfyui_lycoris.base_precision"] == precision
-    quantiser = "bitsandbytes" if precision in ("int8", "nf4") else "layerwise casting"
+    quantiser = "bitsandbytes" if precision in ("int8", "nf4") else "fp8 weight hook"
     assert quantiser in meta["comfyui_lycoris.quantiser"]
     assert json.loads(meta["comfyui_lycoris.training_spec"])["base_precision"] == "auto"
     full = load_model(folders[family], device="cpu", dtype="fp32")
