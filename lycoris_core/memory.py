@@ -13,6 +13,15 @@
 * **merged weights**: lycoris' forward (its default, non-bypass mode; LoRA and LoKr alike)
   builds each wrapped layer's weight plus delta, and the backward keeps them: about one more
   copy of the wrapped base weights;
+* over a **quantised base** (``base_precision`` fp8/int8/nf4, counted from the layers'
+  tensors, or before loading from the folder's Linear shapes: fp8 1 byte per weight and bias,
+  int8 1 byte + an fp32 scale per row, nf4 half a byte + the double-quantised block scales)
+  lycoris trains in bypass mode, with no merged weights. Instead: bitsandbytes dequantises
+  each layer in its forward and again in its backward, one at a time (a transient copy of
+  the largest layer at the compute dtype); and fp8 storage (diffusers' layerwise casting)
+  upcasts each layer's weight for its forward, and the backward keeps the upcast copy (the
+  matmul saved it), so a training step holds the compute-dtype weights of every block Linear
+  whose input carries a gradient (with checkpointing: of the block being recomputed);
 * **activations** of a training step (or a sampling forward) for the resolution and batch,
   with or without gradient checkpointing, from the constants below;
 * **encoders** (VAE, text encoders) while latents and text are encoded: training encodes first
@@ -61,8 +70,10 @@ from .memory_counts import (
     meta_denoiser,
     module_weight_bytes,
     optimizer_state_bytes,
+    with_precision,
     wrapped_weight_numel,
 )
+from .quantization import QUANTISED
 
 __all__ = [
     "REFUSE_FACTOR",
@@ -100,6 +111,14 @@ UNET_INFERENCE = 33.3  # median of 3 (22.8 .. 55.9)
 # the backward keeps it; LoKr measured no more than LoRA (-0.03 .. 0.0)
 WRAPPED_FULL = {"flux": 1.07, "unet": 1.68}
 WRAPPED_GC = {"flux": 0.80, "unet": 0.55}
+# Bypass mode over a quantised base (bench/memory.py --fit-bypass ->
+# bench/results/memory_bypass_fit.json: peak RSS of one training step of a Flux transformer,
+# hidden 1024, minus the activations above and the adapter's gradients), per compute-dtype
+# byte of: the largest Linear (bitsandbytes' transient dequantised copy), of every block
+# Linear (fp8, no checkpointing) or of the largest block's (fp8, checkpointing)
+DEQUANT = {("int8", False): 1.37, ("int8", True): 1.17, ("nf4", False): 1.10, ("nf4", True): 0.54}
+CAST_SAVED = 0.92
+CAST_SAVED_GC = 0.66
 
 ENCODER_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "image_encoder")
 
@@ -300,6 +319,30 @@ def merged_weight_bytes(config: Any, wrapped: int, element: int, checkpointing: 
     return int(per * wrapped * element)
 
 
+def forward_items(info: BaseInfo, config: Any, wrapped: int, work: Workload) -> list[MemoryItem]:
+    """What the LyCORIS forward holds besides activations: the merged weights (default mode),
+    or over a quantised base (bypass mode) the dequantised / upcast copies (see the module
+    docstring)."""
+    gc = work.gradient_checkpointing
+    kw = config.network_kwargs() if hasattr(config, "network_kwargs") else {}
+    if info.precision not in (*QUANTISED, "cast") and not kw.get("bypass_mode"):
+        merged = merged_weight_bytes(info.denoiser_config, wrapped, info.element, gc)
+        note = f"{wrapped:,} wrapped weights"
+        return [MemoryItem("adapter forward (merged weights)", merged, note, phase="step")]
+    lay, el = info.layout, info.element
+    if info.precision in ("int8", "nf4"):
+        size = int(DEQUANT[(info.precision, gc)] * lay.largest * el)
+        note = f"bypass mode; the largest Linear, {lay.largest:,} weights, one at a time"
+        return [MemoryItem("dequantised layer (transient)", size, note, phase="step")]
+    if info.precision in ("fp8", "cast"):
+        n = lay.block_max if gc else lay.block_total
+        size = int((CAST_SAVED_GC if gc else CAST_SAVED) * n * el)
+        what = "the largest block's" if gc else "the blocks'"
+        note = f"bypass mode; {what} Linear weights upcast, {n:,} weights"
+        return [MemoryItem("upcast weights kept for the backward", size, note, phase="step")]
+    return []  # bypass over a plain base: no merged weights
+
+
 # --------------------------------------------------------------------------- the estimate
 
 
@@ -310,13 +353,15 @@ def estimate_memory(
     *,
     dtype: str | torch.dtype = "auto",
     device: Any = "auto",
+    base_precision: str = "auto",
     free_bytes: int | None = None,
     with_options: bool = True,
 ) -> MemoryEstimate:
     """The memory a training (`work.mode` "train", needs `lycoris_config`) or sampling run on
     `base` (a LoadedModel, a diffusers folder, or a :class:`BaseInfo`) will hold.
 
-    `free_bytes`: the free memory to compare with (default: measured on the device).
+    A folder is counted as loaded with `dtype`, `device` and `base_precision` (a loaded model
+    as it is). `free_bytes`: the free memory to compare with (default: measured on the device).
     """
     work = work or Workload()
     if isinstance(base, BaseInfo):
@@ -324,21 +369,18 @@ def estimate_memory(
     elif hasattr(base, "pipe"):
         info = base_info_from_model(base)
     else:
-        info = base_info_from_folder(base, dtype=dtype, device=device)
+        info = base_info_from_folder(
+            base, dtype=dtype, device=device, base_precision=base_precision
+        )
     items = _weight_items(info, work)
     if work.mode == "train":
         if lycoris_config is None:
             raise LycorisError("estimate_memory: a training estimate needs the LyCORIS config")
-        meta = meta_denoiser(info.denoiser_cls, info.denoiser_config)
-        adapter, wrapped = adapter_items(meta, lycoris_config, work.optimizer)
-        merged = merged_weight_bytes(
-            info.denoiser_config, wrapped, info.element, work.gradient_checkpointing
+        meta = info.extra.get("meta_denoiser") or meta_denoiser(
+            info.denoiser_cls, info.denoiser_config
         )
-        note = f"{wrapped:,} wrapped weights"
-        items += [
-            *adapter,
-            MemoryItem("adapter forward (merged weights)", merged, note, phase="step"),
-        ]
+        adapter, wrapped = adapter_items(meta, lycoris_config, work.optimizer)
+        items += [*adapter, *forward_items(info, lycoris_config, wrapped, work)]
     element = 2 if work.autocast else info.element
     act = activation_bytes(info.family, info.denoiser_config, work, element, info.vae_scale)
     how = ("with" if work.gradient_checkpointing else "without") + " gradient checkpointing"
@@ -389,7 +431,13 @@ def _options(info: BaseInfo, work: Workload, config: Any, free: int | None) -> l
                 (f"resolution {side}", info, dataclasses.replace(work, width=w, height=h))
             )
             break
-    if info.element == 4:
+    if info.precision not in (*QUANTISED, "cast", "gguf") and info.linears:
+        for precision in ("fp8", "nf4"):
+            if precision == "nf4" and (info.offload != "none" or not _has_bitsandbytes()):
+                continue  # bitsandbytes layers are refused with offload
+            label = f"base_precision {precision}"
+            candidates.append((label, with_precision(info, precision), work))
+    if info.element == 4 and info.precision not in (*QUANTISED, "cast", "gguf"):
         half = dataclasses.replace(
             info,
             components={k: (v // 2, "bf16") for k, (v, _) in info.components.items()},
@@ -408,8 +456,15 @@ def _options(info: BaseInfo, work: Workload, config: Any, free: int | None) -> l
         if est.verdict == "fits":
             out.append(f"{label} -> {gb(est.total)}")
     return out or [
-        "none of gradient checkpointing, batch 1, a lower resolution, bf16 or offload fits alone"
+        "none of gradient checkpointing, base_precision fp8/nf4, batch 1, a lower resolution, "
+        "bf16 or offload fits alone"
     ]
+
+
+def _has_bitsandbytes() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def preflight(estimate: MemoryEstimate) -> MemoryEstimate:
@@ -443,7 +498,8 @@ def estimate_training(
     spec: Any, *, free_bytes: int | None = None, **base_kw: Any
 ) -> MemoryEstimate:
     """The estimate of a training spec (its base: loaded, or a folder loaded with `base_kw`:
-    dtype, device)."""
+    dtype, device; at the spec's ``base_precision``)."""
+    base_kw.setdefault("base_precision", getattr(spec, "base_precision", "auto"))
     return estimate_memory(
         spec.base, training_workload(spec), spec.config, free_bytes=free_bytes, **base_kw
     )
