@@ -111,14 +111,15 @@ UNET_INFERENCE = 33.3  # median of 3 (22.8 .. 55.9)
 # the backward keeps it; LoKr measured no more than LoRA (-0.03 .. 0.0)
 WRAPPED_FULL = {"flux": 1.07, "unet": 1.68}
 WRAPPED_GC = {"flux": 0.80, "unet": 0.55}
-# Bypass mode over a quantised base (bench/memory.py --fit-bypass ->
-# bench/results/memory_bypass_fit.json: peak RSS of one training step of a Flux transformer,
-# hidden 1024, minus the activations above and the adapter's gradients), per compute-dtype
-# byte of: the largest Linear (bitsandbytes' transient dequantised copy), of every block
-# Linear (fp8, no checkpointing) or of the largest block's (fp8, checkpointing)
-DEQUANT = {("int8", False): 1.37, ("int8", True): 1.17, ("nf4", False): 1.10, ("nf4", True): 0.54}
-CAST_SAVED = 0.92
-CAST_SAVED_GC = 0.66
+# Bypass mode over a quantised base (bench/memory_bypass_fit.py ->
+# bench/results/memory_bypass_fit.json: peak RSS of a training step of two Flux transformers,
+# hidden 768/1024, minus the activations above and the adapter's gradients; mean of the two),
+# per compute-dtype byte of: the largest Linear (bitsandbytes' transient dequantised copies,
+# int8 also its fp16 input casts), of every block Linear (fp8 storage without checkpointing:
+# the upcast copies the backward keeps) or of the largest block's (with checkpointing)
+DEQUANT = {("int8", False): 2.06, ("int8", True): 1.51, ("nf4", False): 1.68, ("nf4", True): 0.59}
+CAST_SAVED = 0.98
+CAST_SAVED_GC = 0.78
 
 ENCODER_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "image_encoder")
 
@@ -421,6 +422,12 @@ def _options(info: BaseInfo, work: Workload, config: Any, free: int | None) -> l
                 dataclasses.replace(work, gradient_checkpointing=True),
             )
         )
+    if info.precision not in (*QUANTISED, "cast", "gguf") and info.linears:
+        for precision in ("fp8", "nf4"):
+            if precision == "nf4" and (info.offload != "none" or not _has_bitsandbytes()):
+                continue  # bitsandbytes layers are refused with offload
+            label = f"base_precision {precision}"
+            candidates.append((label, with_precision(info, precision), work))
     if work.batch_size > 1:
         candidates.append(("batch size 1", info, dataclasses.replace(work, batch_size=1)))
     for side in (1024, 768, 512, 384, 256):
@@ -431,12 +438,6 @@ def _options(info: BaseInfo, work: Workload, config: Any, free: int | None) -> l
                 (f"resolution {side}", info, dataclasses.replace(work, width=w, height=h))
             )
             break
-    if info.precision not in (*QUANTISED, "cast", "gguf") and info.linears:
-        for precision in ("fp8", "nf4"):
-            if precision == "nf4" and (info.offload != "none" or not _has_bitsandbytes()):
-                continue  # bitsandbytes layers are refused with offload
-            label = f"base_precision {precision}"
-            candidates.append((label, with_precision(info, precision), work))
     if info.element == 4 and info.precision not in (*QUANTISED, "cast", "gguf"):
         half = dataclasses.replace(
             info,
