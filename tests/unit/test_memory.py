@@ -280,7 +280,7 @@ def test_folder_weights_nf4_below_fp8_below_bf16(folders):
 
 
 def test_bypass_over_a_quantised_base_has_no_merged_weights(folders):
-    from lycoris_core import memory
+    from lycoris_core import memory_terms as memory
 
     plain = load_model(folders["flux"], device="cpu", dtype="fp32")
     linears = [m for m in plain.denoiser.modules() if type(m) is torch.nn.Linear]
