@@ -72,8 +72,12 @@ def status_bytes() -> dict[str, int]:
 
 # the arms: how the denoiser's Linear weights are stored; every arm computes in fp32 (this
 # CPU has no bf16 instructions: a bf16 training step took 370 s against 28 s in fp32)
-PRECISIONS = ("fp32", "bf16s", "fp8", "int8", "nf4")
-LABELS = {"bf16s": "bf16 storage, fp32 compute", "fp32": "fp32 (merged mode)"}
+PRECISIONS = ("fp32", "bf16", "bf16s", "fp8", "int8", "nf4")
+LABELS = {
+    "bf16s": "bf16 storage, fp32 compute",
+    "fp32": "fp32 (merged mode)",
+    "bf16": "bf16 compute (merged mode)",
+}
 
 
 def filled_transformer(
@@ -106,7 +110,7 @@ def filled_transformer(
                 t = torch.zeros(p.shape, dtype=dtype)
             module._parameters[name] = torch.nn.Parameter(t, requires_grad=False)
         for parent_name, child in list(module.named_children()):
-            if type(child) is torch.nn.Linear and precision != "fp32":
+            if type(child) is torch.nn.Linear and precision not in ("fp32", "bf16"):
                 setattr(module, parent_name, _stored(child, precision, dtype))
         del module
     return model.eval()
@@ -346,15 +350,19 @@ def report(res: dict[str, Any]) -> str:
         + f"\nstored denoiser bytes / bf16 storage: {s['stored_over_bf16']}"
         + f"\npeak RSS / bf16 storage (same ckpt, px): {s['peak_over_bf16']}"
         + f"\nmeasured (peak - runtime) / bf16 storage: {s['measured_over_bf16']}"
+        + f"\npeak RSS / bf16 compute: {s['peak_over_bf16_compute']}"
+        + f"\nmeasured / bf16 compute: {s['measured_over_bf16_compute']}"
     )
 
 
-def ratios(configs: list[dict[str, Any]], key: str) -> dict[str, float]:
-    """`key` of each arm over the bf16-storage arm of the same checkpointing and size."""
+def ratios(configs: list[dict[str, Any]], key: str, to: str = "bf16s") -> dict[str, float]:
+    """`key` of each arm over the `to` arm (bf16 storage, or bf16 compute) of the same
+    checkpointing and size."""
     out = {}
     for r in configs:
         j = r["job"]
-        twin = next((q for q in configs if q["job"] == j | {"precision": "bf16s"}), None)
+        other = {"precision": to, "dtype": "bf16" if to == "bf16" else "fp32"}
+        twin = next((q for q in configs if q["job"] == j | other), None)
         if twin is None or twin is r:
             continue
         name = f"{j['precision']}, ckpt {'on' if j['gc'] else 'off'}, {j['resolution']} px"
@@ -370,6 +378,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions", nargs="+", default=["bf16s", "fp8", "int8", "nf4"])
     parser.add_argument("--resolutions", nargs="+", type=int, default=list(RESOLUTIONS))
     parser.add_argument("--reference", action="store_true", help="also fp32 (merged mode)")
+    parser.add_argument(
+        "--bf16-compute",
+        action="store_true",
+        help="also bf16 storage and compute (merged mode) at the first size: slow on a CPU "
+        "without bf16 instructions",
+    )
     parser.add_argument("--default-malloc", action="store_true", help="also a default process")
     parser.add_argument(
         "--partial", action="store_true", help="report the results in <out>.partial.jsonl only"
@@ -395,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
         for g in ((False, True) if i == 0 else (False,))
         for p in precisions
     ]
+    if args.bf16_compute:
+        bf16 = base | {"dtype": "bf16", "precision": "bf16", "resolution": args.resolutions[0]}
+        jobs += [bf16 | {"gc": False}, bf16 | {"gc": True}]
     if args.default_malloc:
         jobs.append(jobs[0] | {"malloc": "default"})
     partial = Path(args.out).with_suffix(".partial.jsonl")
@@ -425,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
             "stored_over_bf16": ratios(configs, "denoiser_bytes"),
             "peak_over_bf16": ratios(configs, "peak_rss"),
             "measured_over_bf16": ratios(configs, "measured"),
+            "peak_over_bf16_compute": ratios(configs, "peak_rss", "bf16"),
+            "measured_over_bf16_compute": ratios(configs, "measured", "bf16"),
         },
     }
     return common.finish(res, args.out, t_start, report)
