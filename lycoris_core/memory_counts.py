@@ -1,9 +1,11 @@
 """Counting bytes and parameters without allocating: what :mod:`lycoris_core.memory` adds up.
 
-Free memory on a device; weight bytes of a loaded module, or of a diffusers folder from its
-``.safetensors`` headers; a denoiser on the meta device (for the LyCORIS network's real
-parameter count); the base weights a network wraps; an optimizer's state bytes; and
-:class:`BaseInfo`, what the estimate needs of a base model, loaded or still a folder.
+Free memory on a device; weight bytes of a loaded module (with the scales of its quantised
+layers), or of a diffusers folder from its ``.safetensors`` headers, at a dtype or a quantised
+``base_precision`` (its Linear layers re-priced: :func:`linear_bytes`); a denoiser on the meta
+device (for the LyCORIS network's real parameter count and its Linear layout); the base
+weights a network wraps; an optimizer's state bytes; and :class:`BaseInfo`, what the estimate
+needs of a base model, loaded or still a folder.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ for the rest, plus bytes per wrapped weight byte, by least squares (with checkpo
 keeps its inputs, one unit); UNet bytes per ``batch x latent pixels x element size x
 sum_i c_i (1 + t_i) / 4**i`` plus the wrapped-weight term. LoKr (the seed's config) measured
 the same as LoRA rank 4, so one wrapped-weight factor serves both. ``bench/memory.py`` checks
-the total against the peak RSS of training a 168M-parameter Flux transformer. The same formulas
+the total against the peak RSS of training a 166.6M-parameter Flux transformer. The same formulas
 estimate GPU runs (activations are per element, not per device); CUDA's own context and
 allocator slack are not in them, nor, on the CPU, the heap glibc keeps after frees (a default
 Linux process's RSS stayed ~1.5x above what torch held; ``MALLOC_MMAP_THRESHOLD_=131072``
