@@ -1,32 +1,47 @@
-"""Benchmark: training memory of a 168M-parameter Flux-layout transformer, estimate vs measured.
+"""Benchmark: training memory of a 166.6M-parameter Flux-layout transformer over a bf16,
+fp8, int8 and nf4 base, estimate vs measured.
 
 Run from the repository root::
 
-    .venv/bin/python bench/memory.py [--quick] [--steps 3] [--out bench/results/memory.json]
+    .venv/bin/python bench/memory.py [--quick] [--reference] [--bf16-compute] [--steps 2]
+        [--precisions bf16s fp8 int8 nf4] [--resolutions 32 64] [--out bench/results/memory.json]
 
 Side by side in one run, each configuration in its own fresh subprocess (a clean peak RSS;
-``--parallel`` of them at a time, results appended to ``<out>.partial.jsonl`` so an interrupted
-run resumes):
-base dtype fp32 vs bf16 (the whole pipeline stored and computed in it, mixed precision off) x
-gradient checkpointing off / on x two resolutions. Each child builds the tiny Flux pipeline's
-VAE and text encoders with a random transformer of hidden 1024 (8 heads x 128), 3 double + 3
-single blocks (``bench/apply.py``'s ``MODEL_DEFAULT``: 168M parameters), built on the meta
-device and filled in place at its dtype (so a bf16 run never holds an fp32 copy), then trains
-the seed's LoKr config for ``--steps`` steps (AdamW, batch 1, 32 T5 tokens, 1 thread; default
-2: AdamW creates its state after the first backward, so only from the second step on does a
-step hold optimizer state and activations together, the peak the estimate describes) through
-``lycoris_core.training.train``.
+``--parallel`` of them at a time, default 1; results appended to ``<out>.partial.jsonl`` so an
+interrupted run resumes): the denoiser's Linear weights stored as
 
-Per configuration: ``estimate_training(spec)`` (the preflight's figure) against the measured
-peak RSS of the process (``VmHWM``) minus its RSS before the model was built (the Python,
-torch and diffusers runtime, which no estimate of the run covers; measured after a one-step
-warm-up run on the tiny pipeline, so lazily loaded libraries are in it), the estimate's relative
-error, the median step time after the first step, and the loss at each step. Target: the
-estimate within 20% of the measured peak for at least 6 configurations. The measured children
-run with ``MALLOC_MMAP_THRESHOLD_=131072``: glibc's default dynamic threshold keeps freed blocks
-of up to 32 MB in the heap, and the RSS of a default process then stays well above what torch
-holds (two extra runs, fp32 and bf16 without checkpointing, show by how much). Writes JSON with
-the machine info to ``--out``.
+* ``bf16s``: bf16, computed in fp32 (diffusers' layerwise casting on each Linear; this CPU has
+  no bf16 instructions: a bf16 step is ~20x slower than fp32), trained in bypass mode like
+  the quantised arms;
+* ``fp8`` / ``int8`` / ``nf4``: ``base_precision`` fp8 (layerwise casting) / bitsandbytes
+  int8 / nf4, computing in fp32 (bypass mode, as the trainer sets it);
+* ``--reference``: fp32 (lycoris' default merged mode); ``--bf16-compute``: the whole model bf16,
+  stored and computed (merged mode), at the first size only,
+
+x gradient checkpointing off / on at the first size, off at the others. Each child builds the
+tiny Flux pipeline's VAE and text encoders with a random transformer of hidden 1024 (8 heads x
+128), 3 double + 3 single blocks (``bench/apply.py``'s ``MODEL_DEFAULT``: 166.6M parameters),
+built on the meta device and filled layer by layer, each Linear stored at the arm's precision
+as soon as it is filled (so no arm holds more than one full-precision layer beyond its stored
+model: ``build_peak`` in the JSON), then trains the seed's LoKr config for ``--steps`` steps
+(AdamW, batch 1, 32 T5 tokens, 1 thread; default 2: AdamW creates its state after the first
+backward, so only from the second step on does a step hold optimizer state and activations
+together, the peak the estimate describes) through ``lycoris_core.training.train``, then samples
+2 steps (no guidance batch, latents out) with its peak measured apart (``VmHWM`` reset).
+
+Per configuration: the stored denoiser bytes (``module_weight_bytes``: parameters, buffers
+and bitsandbytes' scales); ``estimate_training(spec)`` (the preflight's figure) against the
+measured peak RSS of the process (``VmHWM``) minus its RSS before the model was built (the
+Python, torch and diffusers runtime, which no estimate of the run covers; measured after a
+one-step warm-up run on the tiny pipeline at the arm's precision, so lazily loaded libraries
+are in it), the estimate's relative error, the median step time after the first step, the loss
+at each step; the same for sampling. Targets: the estimate within 20% of the measured peak for
+at least 6 configurations; stored bytes fp8 <= 0.51x and nf4 <= 0.30x bf16; peak training RSS
+fp8 <= 0.65x bf16 (ratios against both bf16 arms). The children run with
+``MALLOC_MMAP_THRESHOLD_=131072``: glibc's default dynamic threshold keeps freed blocks of up
+to 32 MB in the heap, and the RSS of a default process then stays well above what torch holds
+(``--default-malloc`` adds a default process to show by how much). Writes JSON with the
+machine info to ``--out``.
 """
 
 from __future__ import annotations
@@ -46,7 +61,7 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-import apply as common  # noqa: E402  (machine info, JSON, the 168M model shape)
+import apply as common  # noqa: E402  (machine info, JSON, the 166.6M model shape)
 import torch  # noqa: E402
 
 TARGET = 0.20  # |estimate / measured - 1|

@@ -16,7 +16,9 @@ activations the estimator already counts (``activation_bytes``), is what the byp
 must cover. Divided by the compute-dtype bytes of the largest Linear (int8, nf4), of every
 block Linear (fp8 without checkpointing) or of the largest block's (fp8 with checkpointing:
 :class:`lycoris_core.memory_counts.LinearLayout`), averaged over the two models: the constants
-``DEQUANT``, ``CAST_SAVED`` and ``CAST_SAVED_GC``.
+``DEQUANT``, ``CAST_SAVED`` and ``CAST_SAVED_GC``. Then a sampling forward (``no_grad``, its
+own peak) minus the inference activations, per compute-dtype byte of the largest Linear:
+``SAMPLE_TRANSIENT`` (the layer dequantised or upcast for its forward).
 """
 
 from __future__ import annotations
@@ -89,7 +91,20 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
         width=SIDE * 16, height=SIDE * 16, gradient_checkpointing=job["gc"], text_tokens=TEXT
     )
     act = activation_bytes("flux", dict(model.config), work, 4, 8)
-    return {"job": job, "extra": extra, "activations": act, "layout": layout.__dict__}
+    # a sampling forward (no_grad): what it holds beyond the inference activations
+    for p in params:
+        p.grad = None
+    model.eval()
+    with torch.no_grad():
+        model(**inputs)
+        before = _rss()["VmRSS"]
+        Path("/proc/self/clear_refs").write_text("5")
+        model(**inputs)
+    sample = _rss()["VmHWM"] - before
+    sample_act = activation_bytes("flux", dict(model.config), work.__class__(mode="sample",
+        width=work.width, height=work.height, text_tokens=TEXT), 4, 8)  # fmt: skip
+    return {"job": job, "extra": extra, "activations": act, "layout": layout.__dict__,
+            "sample_extra": sample, "sample_activations": sample_act}  # fmt: skip
 
 
 def fit(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -105,12 +120,22 @@ def fit(records: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             key = f"{j['precision']}, gc {j['gc']}"
             out["dequant"].setdefault(key, []).append(left / (4 * lay["largest"]))
+    sample: dict[str, list[float]] = {}
+    for r in records:
+        if not r["job"]["gc"]:  # a no_grad forward does not depend on it
+            left = r["sample_extra"] - r["sample_activations"]
+            sample.setdefault(r["job"]["precision"], []).append(left / (4 * r["layout"]["largest"]))
+    out["sample_transient"] = sample
     out["CAST_SAVED"] = cast[False]
     out["CAST_SAVED_GC"] = cast[True]
-    out["means"] = {k: round(sum(v) / len(v), 2) for k, v in out["dequant"].items()} | {
-        "CAST_SAVED": round(sum(cast[False]) / len(cast[False]), 2),
-        "CAST_SAVED_GC": round(sum(cast[True]) / len(cast[True]), 2),
-    }
+    out["means"] = (
+        {k: round(sum(v) / len(v), 2) for k, v in out["dequant"].items()}
+        | {
+            "CAST_SAVED": round(sum(cast[False]) / len(cast[False]), 2),
+            "CAST_SAVED_GC": round(sum(cast[True]) / len(cast[True]), 2),
+        }
+        | {f"SAMPLE_TRANSIENT {k}": round(sum(v) / len(v), 2) for k, v in sample.items()}
+    )
     return out
 
 

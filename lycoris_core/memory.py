@@ -63,6 +63,7 @@ from .memory_terms import (
     activation_bytes,
     adapter_items,
     forward_items,
+    sampling_items,
     unet_unit,
 )
 from .quantization import QUANTISED
@@ -210,6 +211,8 @@ def estimate_memory(
         )
         adapter, wrapped = adapter_items(meta, lycoris_config, work.optimizer)
         items += [*adapter, *forward_items(info, lycoris_config, wrapped, work)]
+    else:
+        items += sampling_items(info)
     element = 2 if work.autocast else info.element
     act = activation_bytes(info.family, info.denoiser_config, work, element, info.vae_scale)
     how = ("with" if work.gradient_checkpointing else "without") + " gradient checkpointing"

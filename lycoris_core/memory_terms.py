@@ -25,11 +25,11 @@ allocator slack are not in them, nor, on the CPU, the heap glibc keeps after fre
 Linux process's RSS stayed ~1.5x above what torch held; ``MALLOC_MMAP_THRESHOLD_=131072``
 removes that).
 
-The bypass constants (``DEQUANT``, ``CAST_SAVED*``) come from ``bench/memory_bypass_fit.py``
-(results in ``bench/results/memory_bypass_fit.json``): the peak RSS of a training step over
-fp8 / int8 / nf4 bases of two random Flux transformers (hidden 768 and 1024), with the
-activations above and the adapter's gradients taken off; ``bench/memory.py`` checks them on
-the 166.6M-parameter transformer.
+The bypass constants (``DEQUANT``, ``CAST_SAVED*``, ``SAMPLE_TRANSIENT``) come from
+``bench/memory_bypass_fit.py`` (results in ``bench/results/memory_bypass_fit.json``): the peak
+RSS of a training step and of a sampling forward over fp8 / int8 / nf4 bases of two random
+Flux transformers (hidden 768 and 1024), with the activations above and the adapter's
+gradients taken off; ``bench/memory.py`` checks them on the 166.6M-parameter transformer.
 """
 
 from __future__ import annotations
@@ -66,9 +66,12 @@ WRAPPED_GC = {"flux": 0.80, "unet": 0.55}
 # per compute-dtype byte of: the largest Linear (bitsandbytes' transient dequantised copies,
 # int8 also its fp16 input casts), of every block Linear (fp8 storage without checkpointing:
 # the upcast copies the backward keeps) or of the largest block's (with checkpointing)
-DEQUANT = {("int8", False): 2.06, ("int8", True): 1.51, ("nf4", False): 1.68, ("nf4", True): 0.59}
+DEQUANT = {("int8", False): 2.0, ("int8", True): 1.52, ("nf4", False): 1.66, ("nf4", True): 0.54}
 CAST_SAVED = 0.98
-CAST_SAVED_GC = 0.78
+CAST_SAVED_GC = 0.82
+# sampling (a no_grad forward): the layer being dequantised or upcast, per compute-dtype byte
+# of the largest Linear (same fit)
+SAMPLE_TRANSIENT = {"fp8": 0.49, "cast": 0.49, "int8": 0.68, "nf4": 0.42}
 
 
 @dataclass(frozen=True)
@@ -205,3 +208,14 @@ def forward_items(info: BaseInfo, config: Any, wrapped: int, work: Workload) -> 
         note = f"bypass mode; {what} Linear weights upcast, {n:,} weights"
         return [MemoryItem("upcast weights kept for the backward", size, note, phase="step")]
     return []  # bypass over a plain base: no merged weights
+
+
+def sampling_items(info: BaseInfo) -> list[MemoryItem]:
+    """A sampling forward over a quantised or fp8-stored base: the layer it dequantises or
+    upcasts (one at a time)."""
+    k = SAMPLE_TRANSIENT.get(info.precision)
+    if k is None:
+        return []
+    size = int(k * info.layout.largest * info.element)
+    note = f"the largest Linear, {info.layout.largest:,} weights, one at a time"
+    return [MemoryItem("dequantised layer (transient)", size, note, phase="step")]

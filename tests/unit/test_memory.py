@@ -306,6 +306,12 @@ def test_bypass_over_a_quantised_base_has_no_merged_weights(folders):
     assert ckpt.bytes < full.bytes < 4 * sum(m.weight.numel() for m in linears)
     loaded = load_model(folders["flux"], device="cpu", dtype="fp32", base_precision="nf4")
     assert _item(estimate_memory(loaded, WORK, SEED), "dequantised layer").bytes > 0
+    # sampling: the layer being dequantised, over a quantised base only
+    sample = Workload(mode="sample", width=64, height=64)
+    assert _item(estimate_memory(loaded, sample), "dequantised layer").bytes == int(
+        memory.SAMPLE_TRANSIENT["nf4"] * largest * 4
+    )
+    assert _item(estimate_memory(plain, sample), "dequantised layer") is None
 
 
 def test_options_offer_fp8_then_nf4_when_they_fit(folders):
