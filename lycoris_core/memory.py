@@ -13,28 +13,22 @@
 * **merged weights**: lycoris' forward (its default, non-bypass mode; LoRA and LoKr alike)
   builds each wrapped layer's weight plus delta, and the backward keeps them: about one more
   copy of the wrapped base weights;
+* over a **quantised base** (``base_precision`` fp8/int8/nf4, counted from the layers'
+  tensors, or before loading from the folder's Linear shapes: fp8 1 byte per weight and bias,
+  int8 1 byte + an fp32 scale per row, nf4 half a byte + the double-quantised block scales)
+  lycoris trains in bypass mode, with no merged weights. Instead: bitsandbytes dequantises
+  each layer in its forward and again in its backward, one at a time (a transient copy of
+  the largest layer at the compute dtype); and fp8 storage (diffusers' layerwise casting)
+  upcasts each layer's weight for its forward, and the backward keeps the upcast copy (the
+  matmul saved it), so a training step holds the compute-dtype weights of every block Linear
+  whose input carries a gradient (with checkpointing: of the block being recomputed);
 * **activations** of a training step (or a sampling forward) for the resolution and batch,
-  with or without gradient checkpointing, from the constants below;
+  with or without gradient checkpointing, from measured constants;
 * **encoders** (VAE, text encoders) while latents and text are encoded: training encodes first
   and then moves them off the device (``Session.release_encoders``), so the peak is the larger
   of the encoding phase and the training phase.
 
-How the activation constants were measured (``bench/memory_fit.py``, results in
-``bench/results/memory_fit.json``): one training step (forward, MSE loss, backward) of random
-Flux transformers (hidden 256/512, 1-3 double and 1-3 single blocks, 12-24 px latent grids,
-32 text tokens, batch 1-2) and SDXL-layout UNets (3 levels, 32-128 channels) with a LyCORIS
-LoRA on Attention + FeedForward, under ``torch.profiler.profile(profile_memory=True)`` on the
-CPU: the largest "Total Allocated" of the step, minus the adapter's gradients. Flux bytes per
-``batch x tokens x hidden x element size`` were fitted per double block, per single block and
-for the rest, plus bytes per wrapped weight byte, by least squares (with checkpointing a block
-keeps its inputs, one unit); UNet bytes per ``batch x latent pixels x element size x
-sum_i c_i (1 + t_i) / 4**i`` plus the wrapped-weight term. LoKr (the seed's config) measured
-the same as LoRA rank 4, so one wrapped-weight factor serves both. ``bench/memory.py`` checks
-the total against the peak RSS of training a 168M-parameter Flux transformer. The same formulas
-estimate GPU runs (activations are per element, not per device); CUDA's own context and
-allocator slack are not in them, nor, on the CPU, the heap glibc keeps after frees (a default
-Linux process's RSS stayed ~1.5x above what torch held; ``MALLOC_MMAP_THRESHOLD_=131072``
-removes that).
+The per-step terms, their constants and how they were measured: :mod:`.memory_terms`.
 
 A run is refused (:class:`MemoryPreflightError`) only when it **clearly** does not fit: what it
 still needs exceeds the free memory by more than :data:`REFUSE_FACTOR` (1.5x). Below that the
@@ -60,9 +54,19 @@ from .memory_counts import (
     free_memory_bytes,
     meta_denoiser,
     module_weight_bytes,
-    optimizer_state_bytes,
+    with_precision,
     wrapped_weight_numel,
 )
+from .memory_terms import (
+    MemoryItem,
+    Workload,
+    activation_bytes,
+    adapter_items,
+    forward_items,
+    sampling_items,
+    unet_unit,
+)
+from .quantization import QUANTISED
 
 __all__ = [
     "REFUSE_FACTOR",
@@ -82,58 +86,11 @@ __all__ = [
 
 REFUSE_FACTOR = 1.5  # refuse when needed > REFUSE_FACTOR x free
 
-# --- measured constants (bench/memory_fit.py -> bench/results/memory_fit.json) -------------
-# Flux: bytes per (batch x tokens x hidden x element size); least squares over 6 configs,
-# largest error 1.9% (no checkpointing) and 14% (checkpointing)
-FLUX_DOUBLE = 21.5
-FLUX_SINGLE = 17.4
-FLUX_REST = -4.5  # fitted intercept: the per-block terms carry the embeddings
-FLUX_BLOCK_GC = 1.0  # a checkpointed block keeps its inputs only
-FLUX_REST_GC = 28.0  # one block recomputed in the backward, embeddings, loss
-FLUX_INFERENCE = 21.0  # median of 6 no_grad forwards (15.5 .. 40.8)
-# UNet: bytes per (batch x latent pixels x element size x unet_unit(config)); 3 configs
-UNET_FULL = 77.3
-UNET_GC = 25.6
-UNET_INFERENCE = 33.3  # median of 3 (22.8 .. 55.9)
-# Per byte of wrapped base weight (at the base's element size): the LyCORIS forward (LoRA and
-# LoKr alike, lycoris' default non-bypass mode) builds each wrapped layer's merged weight and
-# the backward keeps it; LoKr measured no more than LoRA (-0.03 .. 0.0)
-WRAPPED_FULL = {"flux": 1.07, "unet": 1.68}
-WRAPPED_GC = {"flux": 0.80, "unet": 0.55}
-
 ENCODER_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "image_encoder")
 
 
 class MemoryPreflightError(LycorisError):
     """A run whose memory estimate clearly exceeds the free memory; refused before loading."""
-
-
-@dataclass(frozen=True)
-class MemoryItem:
-    """One line of an estimate. `resident`: already allocated on the device (a loaded model),
-    counted in the total but not against the free memory."""
-
-    name: str
-    bytes: int
-    note: str = ""
-    resident: bool = False
-    phase: str = "run"  # "run", or "encode": only while features are encoded
-
-
-@dataclass(frozen=True)
-class Workload:
-    """What will run: the settings the estimate depends on."""
-
-    mode: str = "train"  # "train" or "sample"
-    width: int = 512
-    height: int = 512
-    batch_size: int = 1
-    gradient_checkpointing: bool = False
-    optimizer: str = "adamw"
-    text_tokens: int | None = None  # None: the family's default
-    offload: str = "none"
-    guidance_batches: int = 1  # sampling with classifier-free guidance runs 2
-    autocast: bool = False  # training under bf16/fp16 autocast: 2-byte activations
 
 
 @dataclass(frozen=True)
@@ -216,90 +173,6 @@ def gb(n: int) -> str:
     return f"{n / 2**30:.2f} GB" if abs(n) >= 2**30 else f"{n / 2**20:.1f} MB"
 
 
-# --------------------------------------------------------------------------- adapter
-
-
-def adapter_items(
-    denoiser_meta: torch.nn.Module, config: Any, optimizer: str
-) -> tuple[list[MemoryItem], int]:
-    """Adapter weights, gradients and optimizer state of `config` on a meta denoiser, and the
-    number of base weights it wraps."""
-    from .targeting import create_network
-
-    net = create_network(denoiser_meta, config)
-    try:
-        shapes = [p.shape for p in net.parameters() if p.requires_grad] or [
-            p.shape for p in net.parameters()
-        ]
-        wrapped = wrapped_weight_numel(net)
-        layers = len(net.loras)
-    finally:
-        net.restore()
-    numel = sum(s.numel() for s in shapes)
-    items = [
-        MemoryItem("adapter weights (fp32)", 4 * numel, f"{numel:,} parameters, {layers} layers"),
-        MemoryItem("adapter gradients (fp32)", 4 * numel),
-        MemoryItem(f"optimizer state ({optimizer})", optimizer_state_bytes(optimizer, shapes)),
-    ]
-    return items, wrapped
-
-
-# --------------------------------------------------------------------------- activations
-
-
-def unet_unit(config: Any) -> float:
-    """sum_i c_i (1 + t_i) / 4**i over a UNet's resolution levels (t_i: transformer layers in
-    a cross-attention level, 0 in a plain one)."""
-    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-    channels = list(get("block_out_channels"))
-    kinds = list(get("down_block_types"))
-    layers = get("transformer_layers_per_block", 1)
-    if isinstance(layers, int):
-        layers = [layers] * len(channels)
-    total = 0.0
-    for i, (c, kind) in enumerate(zip(channels, kinds, strict=False)):
-        t = int(layers[i]) if "CrossAttn" in kind else 0
-        total += c * (1 + t) / 4**i
-    return total
-
-
-def _is_unet(get: Any) -> bool:
-    return get("block_out_channels") is not None and get("down_block_types") is not None
-
-
-def activation_bytes(family: str, config: Any, work: Workload, element: int, vae_scale: int) -> int:
-    """Bytes of activations of one training step or sampling forward (see the constants)."""
-    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-    batch = work.batch_size * (work.guidance_batches if work.mode == "sample" else 1)
-    lat_h, lat_w = work.height // vae_scale, work.width // vae_scale
-    train, gc = work.mode == "train", work.gradient_checkpointing
-    if _is_unet(get):
-        unit = batch * lat_h * lat_w * element * unet_unit(config)
-        k = (UNET_GC if gc else UNET_FULL) if train else UNET_INFERENCE
-        return int(k * unit)
-    hidden = int(get("num_attention_heads")) * int(get("attention_head_dim"))
-    text = work.text_tokens or (512 if family == "flux" else 333)
-    tokens = (lat_h // 2) * (lat_w // 2) + text
-    unit = batch * tokens * hidden * element
-    if not train:
-        return int(FLUX_INFERENCE * unit)
-    double = int(get("num_layers", 0) or 0)
-    single = int(get("num_single_layers", 0) or 0)
-    if gc:
-        per = FLUX_BLOCK_GC * (double + single) + FLUX_REST_GC
-    else:
-        per = FLUX_DOUBLE * double + FLUX_SINGLE * single + FLUX_REST
-    return max(0, int(per * unit))
-
-
-def merged_weight_bytes(config: Any, wrapped: int, element: int, checkpointing: bool) -> int:
-    """Bytes of the merged weights the LyCORIS forward builds for `wrapped` base weights."""
-    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-    kind = "unet" if _is_unet(get) else "flux"
-    per = (WRAPPED_GC if checkpointing else WRAPPED_FULL)[kind]
-    return int(per * wrapped * element)
-
-
 # --------------------------------------------------------------------------- the estimate
 
 
@@ -310,13 +183,15 @@ def estimate_memory(
     *,
     dtype: str | torch.dtype = "auto",
     device: Any = "auto",
+    base_precision: str = "auto",
     free_bytes: int | None = None,
     with_options: bool = True,
 ) -> MemoryEstimate:
     """The memory a training (`work.mode` "train", needs `lycoris_config`) or sampling run on
     `base` (a LoadedModel, a diffusers folder, or a :class:`BaseInfo`) will hold.
 
-    `free_bytes`: the free memory to compare with (default: measured on the device).
+    A folder is counted as loaded with `dtype`, `device` and `base_precision` (a loaded model
+    as it is). `free_bytes`: the free memory to compare with (default: measured on the device).
     """
     work = work or Workload()
     if isinstance(base, BaseInfo):
@@ -324,21 +199,20 @@ def estimate_memory(
     elif hasattr(base, "pipe"):
         info = base_info_from_model(base)
     else:
-        info = base_info_from_folder(base, dtype=dtype, device=device)
+        info = base_info_from_folder(
+            base, dtype=dtype, device=device, base_precision=base_precision
+        )
     items = _weight_items(info, work)
     if work.mode == "train":
         if lycoris_config is None:
             raise LycorisError("estimate_memory: a training estimate needs the LyCORIS config")
-        meta = meta_denoiser(info.denoiser_cls, info.denoiser_config)
-        adapter, wrapped = adapter_items(meta, lycoris_config, work.optimizer)
-        merged = merged_weight_bytes(
-            info.denoiser_config, wrapped, info.element, work.gradient_checkpointing
+        meta = info.extra.get("meta_denoiser") or meta_denoiser(
+            info.denoiser_cls, info.denoiser_config
         )
-        note = f"{wrapped:,} wrapped weights"
-        items += [
-            *adapter,
-            MemoryItem("adapter forward (merged weights)", merged, note, phase="step"),
-        ]
+        adapter, wrapped = adapter_items(meta, lycoris_config, work.optimizer)
+        items += [*adapter, *forward_items(info, lycoris_config, wrapped, work)]
+    else:
+        items += sampling_items(info)
     element = 2 if work.autocast else info.element
     act = activation_bytes(info.family, info.denoiser_config, work, element, info.vae_scale)
     how = ("with" if work.gradient_checkpointing else "without") + " gradient checkpointing"
@@ -379,6 +253,12 @@ def _options(info: BaseInfo, work: Workload, config: Any, free: int | None) -> l
                 dataclasses.replace(work, gradient_checkpointing=True),
             )
         )
+    if info.precision not in (*QUANTISED, "cast", "gguf") and info.linears:
+        for precision in ("fp8", "nf4"):
+            if precision == "nf4" and (info.offload != "none" or not _has_bitsandbytes()):
+                continue  # bitsandbytes layers are refused with offload
+            label = f"base_precision {precision}"
+            candidates.append((label, with_precision(info, precision), work))
     if work.batch_size > 1:
         candidates.append(("batch size 1", info, dataclasses.replace(work, batch_size=1)))
     for side in (1024, 768, 512, 384, 256):
@@ -389,7 +269,7 @@ def _options(info: BaseInfo, work: Workload, config: Any, free: int | None) -> l
                 (f"resolution {side}", info, dataclasses.replace(work, width=w, height=h))
             )
             break
-    if info.element == 4:
+    if info.element == 4 and info.precision not in (*QUANTISED, "cast", "gguf"):
         half = dataclasses.replace(
             info,
             components={k: (v // 2, "bf16") for k, (v, _) in info.components.items()},
@@ -408,8 +288,15 @@ def _options(info: BaseInfo, work: Workload, config: Any, free: int | None) -> l
         if est.verdict == "fits":
             out.append(f"{label} -> {gb(est.total)}")
     return out or [
-        "none of gradient checkpointing, batch 1, a lower resolution, bf16 or offload fits alone"
+        "none of gradient checkpointing, base_precision fp8/nf4, batch 1, a lower resolution, "
+        "bf16 or offload fits alone"
     ]
+
+
+def _has_bitsandbytes() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def preflight(estimate: MemoryEstimate) -> MemoryEstimate:
@@ -443,7 +330,8 @@ def estimate_training(
     spec: Any, *, free_bytes: int | None = None, **base_kw: Any
 ) -> MemoryEstimate:
     """The estimate of a training spec (its base: loaded, or a folder loaded with `base_kw`:
-    dtype, device)."""
+    dtype, device; at the spec's ``base_precision``)."""
+    base_kw.setdefault("base_precision", getattr(spec, "base_precision", "auto"))
     return estimate_memory(
         spec.base, training_workload(spec), spec.config, free_bytes=free_bytes, **base_kw
     )

@@ -32,11 +32,11 @@ from .pipeline_files import (
     text_encoder_entries,
 )
 from .pipeline_patch import Entry, PipelinePatch, patched_pipeline, pipeline_patch_key, split_entry
-from .precisions import QUANTISED, check_precision
+from .precisions import QUANTISED
 from .quantization import (
-    PLAIN,
     bitsandbytes,
     model_precision,
+    precision_dtype,
     quantise_pipeline,
     quantiser_of,
 )
@@ -159,19 +159,6 @@ def _components(pipe: Any) -> list[nn.Module]:
     return [c for c in getattr(pipe, "components", {}).values() if isinstance(c, nn.Module)]
 
 
-def _precision_dtype(base_precision: str, dtype: str | torch.dtype) -> str | torch.dtype:
-    """The compute dtype: a plain `base_precision` (fp32/bf16/fp16) is the dtype itself."""
-    check_precision(base_precision)
-    if base_precision not in PLAIN:
-        return dtype
-    if dtype not in ("auto", base_precision, PLAIN[base_precision]):
-        raise ConfigError(
-            f"base_precision {base_precision!r} and dtype {dtype!r} disagree; give one of them "
-            "(a plain base precision is the dtype)"
-        )
-    return base_precision
-
-
 def _quantise(pipe: Any, family: Family, precision: str, dt: torch.dtype) -> str:
     """Store the base at a quantised `precision` (nothing for plain ones); the storage text."""
     if precision not in QUANTISED:
@@ -196,7 +183,7 @@ def from_pipeline(
     `base_precision` (:data:`~lycoris_core.quantization.PRECISIONS`): fp8/int8/nf4 store the
     denoiser's (and T5's) Linear weights quantised, computing in `dtype`, in place."""
     dev = resolve_device(device)
-    dt = resolve_dtype(_precision_dtype(base_precision, dtype), dev)
+    dt = resolve_dtype(precision_dtype(base_precision, dtype), dev)
     if offload != "none" and base_precision in ("int8", "nf4"):
         raise ConfigError(
             f"base_precision {base_precision!r} with offload {offload!r}: bitsandbytes layers "
@@ -261,7 +248,7 @@ def load_model(
     """
     src = Path(path)
     dev = resolve_device(device)
-    dtype = _precision_dtype(base_precision, dtype)
+    dtype = precision_dtype(base_precision, dtype)
     if base_precision in ("int8", "nf4"):
         bitsandbytes()  # the install hint before anything loads
     dt = resolve_dtype(dtype, dev)

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelLoadError
-from .precisions import QUANTISED
+from .errors import ConfigError, ModelLoadError
+from .precisions import QUANTISED, check_precision
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,19 @@ _FP8_HOOK = _CASTING_HOOK
 # Text encoders that take the base precision too (the big ones: T5-XXL is 4.7B parameters);
 # CLIP stays as loaded (0.1-0.7B, and its pooled output is sensitive to rounding).
 QUANTISED_ENCODERS = ("T5EncoderModel",)
+
+
+def precision_dtype(base_precision: str, dtype: str | torch.dtype) -> str | torch.dtype:
+    """The compute dtype: a plain `base_precision` (fp32/bf16/fp16) is the dtype itself."""
+    check_precision(base_precision)
+    if base_precision not in PLAIN:
+        return dtype
+    if dtype not in ("auto", base_precision, PLAIN[base_precision]):
+        raise ConfigError(
+            f"base_precision {base_precision!r} and dtype {dtype!r} disagree; give one of them "
+            "(a plain base precision is the dtype)"
+        )
+    return base_precision
 
 
 def bitsandbytes() -> Any:

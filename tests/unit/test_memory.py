@@ -211,3 +211,125 @@ def test_cli_estimate_json(folders, tmp_path, capsys):
     assert sample["workload"]["mode"] == "sample" and sample["verdict"] in ("fits", "tight")
     assert not any(i["name"].startswith("adapter") for i in sample["items"])
     assert main(["estimate", "--base", str(folders["sdxl"]), "--device", "cpu"]) == 2  # no config
+
+
+# --------------------------------------------------------------------------- quantised bases
+
+
+def _state_dict_bytes(module):
+    """Bytes of a module's saved tensors: bitsandbytes serialises its scales there (4-bit:
+    absmax, code books; int8: SCB) beside a packed JSON entry and a format tag, left out;
+    a tied tensor (T5's shared embedding) once."""
+    seen = {}
+    for key, t in module.state_dict().items():
+        if "quant_state.bitsandbytes__" in key or key.endswith("weight_format"):
+            continue
+        seen[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int8", "nf4"])
+def test_quantised_weight_bytes_match_the_layers_tensors_and_the_folder_count(folders, precision):
+    from lycoris_core.quantization import layer_precision
+
+    model = load_model(folders["flux"], device="cpu", dtype="fp32", base_precision=precision)
+    before = estimate_memory(folders["flux"], WORK, SEED, device="cpu", base_precision=precision)
+    t5 = model.pipe.text_encoder_2
+    t5(input_ids=torch.ones(1, 4, dtype=torch.long))  # int8 moves its row scales to .state
+    for name in ("transformer", "text_encoder_2"):
+        module = model.pipe.components[name]
+        four_bit = sum(layer_precision(m) == "nf4" for m in module.modules())
+        # the nested fp32 offset of a 4-bit layer is inside bitsandbytes' packed JSON entry
+        assert module_weight_bytes(module)[0] == _state_dict_bytes(module) + 4 * four_bit, name
+        item = next(i for i in before.items if i.name.startswith(f"{name} weights"))
+        assert item.bytes == module_weight_bytes(module)[0], name  # headers + shapes == loaded
+        assert precision in item.name
+    plain = load_model(folders["flux"], device="cpu", dtype="fp32")
+    for name in ("vae", "text_encoder"):  # CLIP and the VAE stay as loaded
+        assert module_weight_bytes(model.pipe.components[name]) == module_weight_bytes(
+            plain.pipe.components[name]
+        )
+
+
+def _item(est, prefix):
+    return next((i for i in est.items if i.name.startswith(prefix)), None)
+
+
+def test_folder_weights_nf4_below_fp8_below_bf16(folders):
+    def weights(name, **kw):
+        est = estimate_memory(folders["flux"], WORK, SEED, device="cpu", **kw)
+        return _item(est, f"{name} weights").bytes
+
+    for name in ("transformer", "text_encoder_2"):
+        bf16 = weights(name, base_precision="bf16")
+        nf4 = weights(name, dtype="bf16", base_precision="nf4")
+        assert nf4 < weights(name, dtype="bf16", base_precision="fp8") < bf16
+        # what is not a quantisable Linear stays at the compute dtype
+        fp8_fp32 = weights(name, dtype="fp32", base_precision="fp8")
+        assert weights(name, dtype="bf16", base_precision="fp8") < fp8_fp32
+    # the spec's base_precision reaches the estimate of a folder
+    spec = TrainSpec(
+        base=str(folders["flux"]),
+        config=SEED,
+        dataset=DatasetSpec(folder="unused", resolution=64),
+        output="unused.safetensors",
+        base_precision="nf4",
+    )
+    est = estimate_training(spec, device="cpu")
+    assert _item(est, "transformer weights").bytes == weights("transformer", base_precision="nf4")
+
+
+def test_bypass_over_a_quantised_base_has_no_merged_weights(folders):
+    from lycoris_core import memory_terms as memory
+
+    plain = load_model(folders["flux"], device="cpu", dtype="fp32")
+    linears = [m for m in plain.denoiser.modules() if type(m) is torch.nn.Linear]
+    largest = max(m.weight.numel() for m in linears)
+
+    def est(precision, gc=False, config=SEED):
+        work = Workload(width=64, height=64, gradient_checkpointing=gc)
+        kw = {"dtype": "fp32", "base_precision": precision}
+        return estimate_memory(folders["flux"], work, config, device="cpu", **kw)
+
+    assert _item(est("fp32"), "adapter forward (merged weights)").bytes > 0
+    assert (
+        _item(est("fp32", config=SEED.with_overrides(bypass_mode=True)), "adapter forward") is None
+    )
+    for precision in ("int8", "nf4"):
+        for gc in (False, True):
+            e = est(precision, gc)
+            assert _item(e, "adapter forward") is None
+            item = _item(e, "dequantised layer")  # one layer at a time, at fp32
+            assert item.bytes == int(memory.DEQUANT[(precision, gc)] * largest * 4)
+    full, ckpt = _item(est("fp8"), "upcast weights"), _item(est("fp8", True), "upcast weights")
+    assert _item(est("fp8"), "adapter forward") is None
+    assert ckpt.bytes < full.bytes < 4 * sum(m.weight.numel() for m in linears)
+    loaded = load_model(folders["flux"], device="cpu", dtype="fp32", base_precision="nf4")
+    assert _item(estimate_memory(loaded, WORK, SEED), "dequantised layer").bytes > 0
+    # sampling: the layer being dequantised, over a quantised base only
+    sample = Workload(mode="sample", width=64, height=64)
+    assert _item(estimate_memory(loaded, sample), "dequantised layer").bytes == int(
+        memory.SAMPLE_TRANSIENT["nf4"] * largest * 4
+    )
+    assert _item(estimate_memory(plain, sample), "dequantised layer") is None
+
+
+def test_options_offer_fp8_then_nf4_when_they_fit(folders):
+    # a tiny picture: the weights dominate, so storing them smaller is what fits
+    work = Workload(width=16, height=16, text_tokens=8, gradient_checkpointing=True)
+
+    def est(free=None, **kw):
+        return estimate_memory(
+            folders["flux"], work, SEED, device="cpu", dtype="fp32", free_bytes=free, **kw
+        )
+
+    free = est(base_precision="fp8").needed
+    refused = est(free)
+    assert refused.verdict in ("tight", "refuse") and refused.needed > free
+    labels = [o.split(" ->")[0] for o in refused.options]
+    assert "base_precision fp8" in labels and "base_precision nf4" in labels
+    assert labels.index("base_precision fp8") < labels.index("base_precision nf4")
+    # a base already stored nf4 is not offered another precision
+    small = est(base_precision="nf4")
+    again = est(small.needed // 2, base_precision="nf4")
+    assert again.options and not any(o.startswith("base_precision") for o in again.options)
