@@ -95,14 +95,55 @@ def _casting_hook(module: nn.Module) -> Any:
     return None if registry is None else registry.get_hook(_CASTING_HOOK)
 
 
+class _Fp8Op(torch.autograd.Function):
+    """``op(x, weight upcast to dtype, bias)`` that keeps only the fp8 weight for the backward
+    and upcasts it again there (the gradient of `x` only: the base is frozen), so a training
+    step does not hold an upcast copy of every layer it went through."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Any, w8: Any, bias: Any, dtype: Any, op: Any, grad_x: Any) -> Any:
+        ctx.save_for_backward(w8)
+        ctx.grad_x, ctx.shape, ctx.x_dtype = grad_x, x.shape, x.dtype
+        return op(x, w8.to(dtype), bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Any) -> Any:
+        (w8,) = ctx.saved_tensors
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = ctx.grad_x(ctx.shape, w8.to(grad.dtype), grad).to(ctx.x_dtype)
+        return gx, None, None, None, None, None
+
+
+def _fp8_op(module: nn.Module) -> tuple[Any, Any] | None:
+    """(op(x, w, b), grad of x) for a Linear or a zero-padded Conv1d/2d, else None."""
+    import torch.nn.functional as F
+
+    if isinstance(module, nn.Linear):
+        return F.linear, lambda shape, w, g: g @ w
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d)) or module.padding_mode != "zeros":
+        return None
+    conv, conv_input = (
+        (F.conv1d, torch.nn.grad.conv1d_input)
+        if isinstance(module, nn.Conv1d)
+        else (F.conv2d, torch.nn.grad.conv2d_input)
+    )
+    geometry = (module.stride, module.padding, module.dilation, module.groups)
+
+    def op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return conv(x, w, b, *geometry)
+
+    return op, lambda shape, w, g: conv_input(shape, w, g, *geometry)
+
+
 def _fp8_weight_hook(dtype: torch.dtype, storage: torch.dtype) -> Any:
-    """A diffusers model hook that stores the layer's weight in fp8 and gives its forward a
-    `dtype` copy as a fresh parameter (so the backward keeps that copy, and a convolution can
-    be trained through); the bias stays in `dtype`.
+    """A diffusers model hook that keeps the layer's weight in fp8 and computes in `dtype`; the
+    bias stays in `dtype`. The forward upcasts the weight for its op, and the backward keeps
+    only the fp8 weight (:class:`_Fp8Op`).
 
     diffusers' layerwise casting hook casts the whole module back and forth in place: the bias
-    is rounded to fp8 too (a few percent of error), and a convolution's saved weight turns fp8
-    again before its backward."""
+    is rounded to fp8 too (a few percent of error), the backward holds the upcast weights of
+    every layer, and a convolution's saved weight turns fp8 again before its backward."""
     from diffusers.hooks import ModelHook
 
     class Fp8WeightHook(ModelHook):
@@ -110,18 +151,18 @@ def _fp8_weight_hook(dtype: torch.dtype, storage: torch.dtype) -> Any:
 
         def initialize_hook(self, module: nn.Module) -> nn.Module:
             stored = module.weight.detach().to(storage)
-            module._parameters["weight"] = self.stored = nn.Parameter(stored, False)
+            module._parameters["weight"] = nn.Parameter(stored, False)
+            self.op = _fp8_op(module)
             return module
 
-        def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            self.stored = module._parameters["weight"]
-            compute = self.stored.detach().to(self.compute_dtype)
-            module._parameters["weight"] = nn.Parameter(compute, requires_grad=False)
-            return args, kwargs
-
-        def post_forward(self, module: nn.Module, output: Any) -> Any:
-            module._parameters["weight"] = self.stored
-            return output
+        def new_forward(self, module: nn.Module, x: torch.Tensor, *args: Any, **kw: Any) -> Any:
+            w8, bias = module._parameters["weight"], module.bias
+            if self.op is None:  # e.g. a conv with reflect padding: upcast, keep the copy
+                return module._conv_forward(x, w8.to(self.compute_dtype), bias)
+            op, grad_x = self.op
+            if not (torch.is_grad_enabled() and x.requires_grad):
+                return op(x, w8.to(self.compute_dtype), bias)
+            return _Fp8Op.apply(x, w8, bias, self.compute_dtype, op, grad_x)
 
     return Fp8WeightHook()
 

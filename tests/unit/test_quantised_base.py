@@ -205,6 +205,42 @@ def test_fp8_storage_rounds_the_weights_only(flux):
     assert q.dtype == torch.float32  # what diffusers casts a model's inputs to
 
 
+@pytest.mark.parametrize(
+    "layer",
+    [
+        torch.nn.Linear(24, 16),
+        torch.nn.Conv2d(4, 8, 3, padding=1),
+        torch.nn.Conv2d(4, 8, 3, stride=2, groups=2),
+        torch.nn.Conv1d(4, 6, 3, padding=2, dilation=2),
+    ],
+    ids=["linear", "conv2d", "conv2d-strided-grouped", "conv1d-dilated"],
+)
+def test_an_fp8_layer_backpropagates_like_its_dequantised_twin(layer):
+    """The backward of an fp8-stored layer (which keeps only the fp8 weight) gives the input
+    gradient of the same layer with the upcast weight."""
+    from lycoris_core.quantization import store_fp8
+
+    torch.manual_seed(0)
+    plain = copy.deepcopy(layer).requires_grad_(False)
+    q = copy.deepcopy(layer).requires_grad_(False)
+    store_fp8(q, torch.float32)
+    with torch.no_grad():
+        plain.weight.copy_(q.weight.float())
+    shape = (
+        (2, 3, 24)
+        if isinstance(layer, torch.nn.Linear)
+        else (2, 4, *([9] * (layer.weight.dim() - 2)))
+    )
+    x1 = torch.randn(shape, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    g = torch.randn_like(plain(x1))
+    plain(x1).backward(g)
+    q(x2).backward(g)
+    assert torch.allclose(q(x2), plain(x1), atol=1e-5)
+    assert torch.allclose(x2.grad, x1.grad, atol=1e-5)
+    assert q.weight.dtype == torch.float8_e4m3fn  # still stored fp8 after the backward
+
+
 def _bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
