@@ -200,29 +200,33 @@ def linear_layout(module: torch.nn.Module) -> LinearLayout:
     return LinearLayout(largest, sum(blocks.values()), max(blocks.values(), default=0))
 
 
-def quantisable_linears(module: torch.nn.Module) -> tuple[tuple[int, int, bool, int], ...]:
-    """(out, in, has bias, element size) of each plain Linear that base_precision fp8/int8/nf4
-    would store quantised (:func:`~lycoris_core.quantization.quantise_module`'s rule: the
-    model's ``_keep_in_fp32_modules`` stay)."""
+def quantisable_linears(
+    module: torch.nn.Module, convs: bool = False
+) -> tuple[tuple[int, int, bool, int], ...]:
+    """(out, in, has bias, element size) of each plain Linear (with `convs`, also Conv1d/2d:
+    fp8 stores them too) that base_precision fp8/int8/nf4 would store quantised
+    (:func:`~lycoris_core.quantization.quantise_module`'s rule: the model's
+    ``_keep_in_fp32_modules`` stay)."""
     keep = tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
+    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d) if convs else (torch.nn.Linear,)
     out = []
     for path, sub in module.named_modules():
-        if type(sub) is not torch.nn.Linear or path.rsplit(".", 1)[-1] in keep:
+        if type(sub) not in kinds or path.rsplit(".", 1)[-1] in keep:
             continue
         if sub.weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             continue  # already fp8
         bias = sub.bias is not None
-        out.append((sub.out_features, sub.in_features, bias, sub.weight.element_size()))
+        w = sub.weight
+        out.append((w.shape[0], w[0].numel(), bias, w.element_size()))
     return tuple(out)
 
 
 def linear_bytes(out: int, inp: int, bias: bool, precision: str, element: int) -> int:
-    """Bytes of one Linear layer stored at `precision`, its bias at `element` bytes (fp8
-    storage casts the bias too)."""
+    """Bytes of one Linear layer stored at `precision`, its bias at `element` bytes."""
     n = out * inp
     b = out if bias else 0
     if precision == "fp8":
-        return n + b
+        return n + element * b
     if precision == "int8":
         return n + 4 * out + element * b
     if precision == "nf4":
@@ -335,7 +339,7 @@ def base_info_from_folder(
     name, cls = denoiser_entry(root, index)
     config = cls.load_config(str(root / name))
     meta = meta_denoiser(cls, dict(config))
-    linears = {name: _at(quantisable_linears(meta), element)}
+    linears = {name: _at(quantisable_linears(meta, convs=base_precision == "fp8"), element)}
     for comp, entry in index.items():
         if isinstance(entry, list) and entry[-1] in QUANTISED_ENCODERS:
             linears[comp] = _at(quantisable_linears(_meta_encoder(root / comp, entry[-1])), element)

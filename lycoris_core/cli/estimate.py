@@ -34,6 +34,7 @@ def estimate(args: argparse.Namespace, mode: str) -> Any:
         config,
         dtype=args.dtype,
         device=args.device,
+        base_precision=getattr(args, "base_precision", "auto"),
         free_bytes=None if free is None else int(free * 2**30),
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..precisions import PRECISIONS
 from . import estimate, files, sample, train
 from .base_args import add_base_args
 
@@ -158,6 +159,12 @@ def _add_estimate(sub: Subparsers) -> None:
     p.add_argument("--max-sequence-length", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument(
+        "--base-precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="the base's storage the run would use (fp8 / int8 / nf4: quantised)",
+    )
     p.add_argument(
         "--free-gb", type=float, default=None, help="compare with this (default: free now)"
     )
