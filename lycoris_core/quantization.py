@@ -277,7 +277,8 @@ def base_weight(module: nn.Module) -> torch.Tensor:
 
 
 def base_bias(module: nn.Module) -> torch.Tensor | None:
-    """The layer's bias in its compute dtype (fp8 storage keeps the bias in fp8 too)."""
+    """The layer's bias in its compute dtype (a layer stored fp8 by diffusers' own layerwise
+    casting keeps its bias in fp8 too; ours keeps it in the compute dtype)."""
     bias = getattr(module, "bias", None)
     if bias is None or bias.dtype not in _FP8:
         return bias
