@@ -38,19 +38,11 @@ sys.path.insert(0, str(BENCH))
 
 import apply as common  # noqa: E402
 import torch  # noqa: E402
+from memory import status_bytes  # noqa: E402  (bench/memory.py: VmRSS / VmHWM)
 
 SHAPES = ((1024, 1, 1), (768, 2, 1))  # hidden, double blocks, single blocks
 SIDE, TEXT = 16, 32
 PRECISIONS = ("fp32", "fp8", "int8", "nf4")
-
-
-def _rss() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmHWM", "VmRSS"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
 
 
 def child(job: dict[str, Any]) -> dict[str, Any]:
@@ -84,10 +76,10 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     step()
     for p in params:
         p.grad = None
-    before = _rss()["VmRSS"]
+    before = status_bytes()["VmRSS"]
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM
     step()
-    extra = _rss()["VmHWM"] - before - grads
+    extra = status_bytes()["VmHWM"] - before - grads
     work = Workload(
         width=SIDE * 16, height=SIDE * 16, gradient_checkpointing=job["gc"], text_tokens=TEXT
     )
@@ -98,10 +90,10 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     model.eval()
     with torch.no_grad():
         model(**inputs)
-        before = _rss()["VmRSS"]
+        before = status_bytes()["VmRSS"]
         Path("/proc/self/clear_refs").write_text("5")
         model(**inputs)
-    sample = _rss()["VmHWM"] - before
+    sample = status_bytes()["VmHWM"] - before
     sample_act = activation_bytes("flux", dict(model.config), work.__class__(mode="sample",
         width=work.width, height=work.height, text_tokens=TEXT), 4, 8)  # fmt: skip
     return {"job": job, "extra": extra, "activations": act, "layout": layout.__dict__,
